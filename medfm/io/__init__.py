@@ -1,0 +1,43 @@
+"""Volumes and datasets: Volume (array + affine), NIfTI, PNG, DICOM series, nnU-Net v2 raw sets.
+
+The axis order used everywhere in medfm is documented once, in ``medfm.io.volume``.
+"""
+
+from medfm.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text, remove_temp_files
+from medfm.io.dicom import read_dicom_series
+from medfm.io.nifti import read_nifti, write_nifti
+from medfm.io.nnunet import (
+    DatasetJson,
+    case_complete,
+    case_paths,
+    iter_dataset,
+    list_cases,
+    read_dataset_json,
+    write_case,
+    write_dataset_json,
+)
+from medfm.io.png import read_image, read_png, write_png
+from medfm.io.volume import Volume, resample_volume
+
+__all__ = [
+    "DatasetJson",
+    "Volume",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "case_complete",
+    "case_paths",
+    "iter_dataset",
+    "list_cases",
+    "read_dataset_json",
+    "read_dicom_series",
+    "read_image",
+    "read_nifti",
+    "read_png",
+    "remove_temp_files",
+    "resample_volume",
+    "write_case",
+    "write_dataset_json",
+    "write_nifti",
+    "write_png",
+]

@@ -1,0 +1,52 @@
+import multiprocessing
+import multiprocessing.dummy
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def nnunet_verify(monkeypatch, tmp_path):
+    """nnU-Net's own dataset checker, run in this process.
+
+    verify_dataset_integrity checks the cases in a ``spawn`` Pool and lists files in a 12-process
+    fork Pool: each spawned worker re-imports nnunetv2 and torch (seconds per call on 2 cores),
+    forking a process with torch's threads running risks deadlocks, and a worker that dies at
+    start-up makes the Pool respawn it forever, so a failure shows as a hang. Both pools are
+    swapped for thread pools here; the checks themselves run unchanged. The slow test below runs
+    the checker untouched in its own process.
+    """
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    vdi = pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity")
+    import nnunetv2.utilities.utils as nnunet_utils
+
+    monkeypatch.setattr(
+        vdi, "multiprocessing", SimpleNamespace(get_context=lambda method: multiprocessing.dummy)
+    )
+    monkeypatch.setattr(nnunet_utils, "Pool", multiprocessing.dummy.Pool)
+    return lambda folder: vdi.verify_dataset_integrity(str(folder), num_processes=1)
