@@ -1,0 +1,353 @@
+"""Write a synthetic nnU-Net v2 raw dataset: deterministic, shardable, resumable.
+
+Layout: ``imagesTr/case_00000_0000.png`` (2D) or ``.nii.gz`` (3D), ``labelsTr/case_00000.*``,
+``dataset.json``, ``manifest.jsonl`` (one line per case: index, seed, modality and every drawn
+parameter), and ``synth_run.json`` (the arguments that define the content, checked on resume).
+
+Case i of a run depends only on (seed, i): its modality is ``modalities[i % len(modalities)]``,
+its parameters come from `sample_case`, its noise from its own generator. A case is complete
+once its label file exists (written last, atomically), so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from medfm.errors import MedfmError
+from medfm.io import (
+    DatasetJson,
+    Volume,
+    atomic_write_text,
+    case_complete,
+    remove_temp_files,
+    write_case,
+    write_dataset_json,
+)
+from medfm.synth.case import (
+    MODALITIES,
+    CaseParams,
+    SynthConfig,
+    render_cases,
+    sample_case,
+    to_output,
+)
+
+FORMAT_VERSION = 1
+RUN_FILE = "synth_run.json"
+MIN_SIZE = 32
+
+
+class RunSpec(BaseModel):
+    """The arguments that define a dataset's content (device type included: CPU and CUDA
+    random streams differ). Batch size, workers and shard do not change any file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: int = FORMAT_VERSION
+    modalities: tuple[Literal["ct", "mri", "us"], ...]
+    dim: Literal[2, 3]
+    n: int
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    seed: int
+    device_type: Literal["cpu", "cuda"]
+    config: SynthConfig = SynthConfig()
+
+    @property
+    def file_ending(self) -> str:
+        return ".png" if self.dim == 2 else ".nii.gz"
+
+    def case_id(self, index: int) -> str:
+        return f"case_{index:05d}"
+
+    def modality(self, index: int) -> str:
+        return self.modalities[index % len(self.modalities)]
+
+    def sample(self, index: int) -> CaseParams:
+        return sample_case(self.config, self.modality(index), self.shape, self.seed, index)
+
+
+def parse_modalities(text: str | Sequence[str]) -> tuple[str, ...]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    mods = tuple(m.strip().lower() for m in items if m.strip())
+    bad = [m for m in mods if m not in MODALITIES]
+    if not mods or bad:
+        raise MedfmError(
+            f"unknown modality {', '.join(bad) or repr(text)}; choose from {', '.join(MODALITIES)}"
+        )
+    return mods
+
+
+def parse_size(text: str | int | Sequence[int] | None, dim: int) -> tuple[int, ...]:
+    """'256' -> (256, 256) in 2D or a cube in 3D; '96,128,128' -> that shape."""
+    if dim not in (2, 3):
+        raise MedfmError(f"--dim must be 2 or 3, got {dim}")
+    if text is None:
+        text = 256 if dim == 2 else 128
+    try:
+        if isinstance(text, int):
+            vals = [text]
+        elif isinstance(text, str):
+            vals = [int(v) for v in text.replace("x", ",").split(",")]
+        else:
+            vals = [int(v) for v in text]
+    except ValueError:
+        raise MedfmError(f"--size must be N or comma-separated integers, got {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * dim
+    if len(vals) != dim:
+        raise MedfmError(f"--size {text!r} has {len(vals)} values; a {dim}D size needs 1 or {dim}")
+    if min(vals) < MIN_SIZE:
+        raise MedfmError(f"--size {text!r} is too small: every side must be >= {MIN_SIZE}")
+    if np.prod(vals) > 512**3:
+        raise MedfmError(f"--size {text!r} is too large (at most 512^3 voxels)")
+    return tuple(vals)
+
+
+def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int]:
+    """'K/N' -> (K, N) with 0 <= K < N."""
+    if text is None:
+        return (0, 1)
+    if isinstance(text, tuple):
+        k, n = text
+    else:
+        try:
+            k, n = (int(v) for v in text.split("/"))
+        except ValueError:
+            raise MedfmError(f"--shard must look like K/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= k < n:
+        raise MedfmError(f"--shard {k}/{n} is invalid: need 0 <= K < N")
+    return (k, n)
+
+
+def parse_device(device: str) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N', checked against what torch sees."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise MedfmError(f"--device must be cpu or cuda, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MedfmError("--device cuda was asked for but torch sees no CUDA device")
+    return dev
+
+
+def _check_writable(out: Path) -> None:
+    p = out
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise MedfmError(f"cannot write to {out}: {p} is not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise MedfmError(f"cannot write to {out}: {p} is not writable")
+
+
+def dataset_json(spec: RunSpec) -> DatasetJson:
+    k = spec.config.anatomy.n_labels[1]
+    labels = {"background": 0, **{f"structure_{i}": i for i in range(1, k + 1)}}
+    channel = "+".join(MODALITIES[m].channel_name for m in spec.modalities)
+    return DatasetJson(
+        channel_names={"0": channel},
+        labels=labels,
+        numTraining=spec.n,
+        file_ending=spec.file_ending,
+        name="medfm_synthetic",
+        description=f"medfm SynthFM synthetic {spec.dim}D {'/'.join(spec.modalities)} data",
+    )
+
+
+def write_rendered(
+    out: Path, spec: RunSpec, indices: list[int], cases: list[CaseParams], device: torch.device
+) -> None:
+    """Render ``cases`` as one batch and write them."""
+    r = render_cases(cases, device)
+    image = to_output(cases, r.image).cpu()
+    label = r.label.cpu()
+    for j, i in enumerate(indices):
+        img = Volume.from_array(image[j], spacing=spec.spacing, has_channel=True)
+        lab = Volume.from_array(label[j], spacing=spec.spacing, has_channel=True)
+        write_case(out, spec.case_id(i), img, lab, spec.file_ending)
+
+
+def _batches(spec: RunSpec, indices: list[int], batch: int) -> list[list[int]]:
+    """Group pending cases by modality (a batch renders one modality), then chunk."""
+    out: list[list[int]] = []
+    for m in spec.modalities:
+        sel = [i for i in indices if spec.modality(i) == m]
+        out += [sel[s : s + batch] for s in range(0, len(sel), batch)]
+    return out
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _worker_run(out: str, spec_json: str, indices: list[int], device: str) -> int:
+    spec = RunSpec.model_validate_json(spec_json)
+    write_rendered(
+        Path(out), spec, indices, [spec.sample(i) for i in indices], torch.device(device)
+    )
+    return len(indices)
+
+
+@dataclass
+class GenerateReport:
+    out: Path
+    written: int
+    skipped: int
+    total: int
+    preview: Path | None
+
+
+def generate_dataset(
+    out: str | os.PathLike,
+    *,
+    modalities: str | Sequence[str] = ("ct",),
+    dim: int = 2,
+    n: int = 8,
+    size: str | int | Sequence[int] | None = None,
+    seed: int = 0,
+    shard: str | tuple[int, int] | None = None,
+    device: str = "cpu",
+    batch: int = 8,
+    workers: int = 1,
+    preview: bool = False,
+    spacing: Sequence[float] | None = None,
+    config: SynthConfig | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> GenerateReport:
+    """Generate (or resume) a synthetic dataset in ``out``; see the module docstring.
+
+    ``progress(k)`` is called with the number of cases finished after each batch.
+    """
+    mods = parse_modalities(modalities)
+    shape = parse_size(size, dim)
+    k, n_shards = parse_shard(shard)
+    if n < 1:
+        raise MedfmError(f"-n must be >= 1, got {n}")
+    if batch < 1 or workers < 1:
+        raise MedfmError("--batch and --workers must be >= 1")
+    dev = parse_device(device)
+    spacing = tuple(float(s) for s in (spacing or (1.0,) * dim))
+    if len(spacing) != dim or min(spacing) <= 0:
+        raise MedfmError(f"spacing {spacing} must be {dim} positive values")
+    spec = RunSpec(
+        modalities=mods,
+        dim=dim,
+        n=n,
+        shape=shape,
+        spacing=spacing,
+        seed=seed,
+        device_type=dev.type,
+        config=config or SynthConfig(),
+    )
+    out = Path(out)
+    _check_writable(out)
+    if out.exists() and not out.is_dir():
+        raise MedfmError(f"--out {out} exists and is not a folder")
+
+    run_file = out / RUN_FILE
+    spec_text = spec.model_dump_json(indent=2)
+    if run_file.exists():
+        try:
+            old = RunSpec.model_validate_json(run_file.read_text())
+        except ValueError:
+            raise MedfmError(f"{run_file} is unreadable; use a new --out") from None
+        if old != spec:
+            diff = [f for f in RunSpec.model_fields if getattr(old, f) != getattr(spec, f)]
+            raise MedfmError(
+                f"{out} holds a dataset made with different arguments ({', '.join(diff)}); "
+                "rerun with the same arguments to resume, or use a new --out"
+            )
+    elif out.exists() and any(p.name != ".DS_Store" for p in out.iterdir()):
+        raise MedfmError(
+            f"--out {out} is not empty and was not made by medfm synth; use a new folder"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # a run killed while writing one of these leaves a temporary file: clear it
+        for name in (RUN_FILE, "dataset.json", "manifest.jsonl", "preview.png"):
+            remove_temp_files(out / name)
+        atomic_write_text(run_file, spec_text)
+    except OSError as e:
+        raise MedfmError(f"cannot write to {out}: {e.strerror or e}") from None
+    write_dataset_json(out, dataset_json(spec))
+
+    mine = list(range(k, n, n_shards))
+    todo = [i for i in mine if not case_complete(out, spec.case_id(i), spec.file_ending)]
+    batches = _batches(spec, todo, batch)
+    done = 0
+    if workers == 1 or len(batches) <= 1:
+        for b in batches:
+            write_rendered(out, spec, b, [spec.sample(i) for i in b], dev)
+            done += len(b)
+            if progress:
+                progress(done)
+    else:
+        threads = max(1, torch.get_num_threads() // workers)
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
+        ) as pool:
+            futures = [pool.submit(_worker_run, str(out), spec_text, b, device) for b in batches]
+            for f in futures:
+                done += f.result()
+                if progress:
+                    progress(done)
+
+    write_manifest(out, spec)
+    prev = None
+    if preview:
+        from medfm.synth.preview import write_preview
+
+        prev = write_preview(out, out / "preview.png")
+    return GenerateReport(
+        out=out, written=len(todo), skipped=len(mine) - len(todo), total=n, preview=prev
+    )
+
+
+def manifest_line(spec: RunSpec, index: int, params: CaseParams) -> str:
+    return json.dumps(
+        {
+            "case": spec.case_id(index),
+            "index": index,
+            "run_seed": spec.seed,
+            "seed": params.seed,
+            "modality": params.modality,
+            "params": params.model_dump(mode="json"),
+        },
+        separators=(",", ":"),
+    )
+
+
+def write_manifest(out: Path, spec: RunSpec) -> None:
+    """Write ``manifest.jsonl`` for all n cases (identical for every shard)."""
+    lines = [manifest_line(spec, i, spec.sample(i)) for i in range(spec.n)]
+    atomic_write_text(out / "manifest.jsonl", "\n".join(lines) + "\n")
+
+
+def replay(line: str | dict, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-render one manifest line: returns (image as written, label) with no batch axis."""
+    rec = json.loads(line) if isinstance(line, str) else line
+    params = CaseParams.model_validate(rec["params"])
+    r = render_cases([params], device)
+    return to_output([params], r.image)[0].cpu(), r.label[0].cpu()
+
+
+def read_manifest(folder: str | os.PathLike) -> list[dict]:
+    path = Path(folder) / "manifest.jsonl"
+    if not path.exists():
+        raise MedfmError(f"{path} not found: is {folder} a medfm synthetic dataset?")
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]

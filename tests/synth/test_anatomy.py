@@ -1,0 +1,93 @@
+"""Label maps: structures, labels, sizes, nesting, determinism, replay of parameters."""
+
+import json
+
+import torch
+
+from medfm.synth.anatomy import AnatomyConfig, anatomy_noise_shape, render_anatomy
+from medfm.synth.case import CaseParams, SynthConfig, render_cases, sample_case
+
+
+def test_labels_are_consecutive_and_within_the_declared_range():
+    cfg = SynthConfig()
+    for mod in ("ct", "mri", "us"):
+        cases = [sample_case(cfg, mod, (64, 72), 7, i) for i in range(8)]
+        r = render_cases(cases)
+        for i in range(8):
+            vals = sorted(r.label[i].unique().tolist())
+            assert vals[0] == 0 or len(vals) == 1
+            present = [v for v in vals if v > 0]
+            assert present == list(range(1, len(present) + 1))
+            assert max(vals) <= cfg.anatomy.n_labels[1]
+
+
+def test_structure_sizes_range_from_tiny_to_large():
+    cfg = SynthConfig()
+    cases = [sample_case(cfg, "ct", (96, 96), 11, i) for i in range(24)]
+    r = render_cases(cases)
+    fractions = []
+    for i in range(24):
+        counts = torch.bincount(r.label[i].flatten().long())
+        fractions += (counts[1:][counts[1:] > 0].float() / r.label[i].numel()).tolist()
+    assert min(fractions) < 0.01 and max(fractions) > 0.1
+
+
+def test_nested_structure_lies_inside_its_parent():
+    cfg = SynthConfig(
+        anatomy=AnatomyConfig(n_labels=(2, 2), p_nested=1.0, p_tube=0.0, p_rim=0.0, p_touch=0.0)
+    )
+    case = sample_case(cfg, "mri", (96, 96), 0, 0)
+    s = case.anatomy.structures
+    parent = next(k for k, x in enumerate(s) if x.label == 1)
+    child = next(k for k, x in enumerate(s) if x.label == 2)
+    assert s[child].container == parent
+    noise = torch.randn(1, *anatomy_noise_shape(2), generator=torch.Generator().manual_seed(0))
+    slots, _ = render_anatomy([case.anatomy], (96, 96), noise)
+    inner = slots[0] == child + 1
+    assert inner.any()
+    # around the child, the parent is there (the child never touches the body background)
+    ring = torch.nn.functional.max_pool2d(inner[None, None].float(), 3, 1, 1)[0, 0].bool() & ~inner
+    assert bool((slots[0][ring] == parent + 1).float().mean() > 0.9)
+
+
+def test_3d_label_maps_have_structures():
+    cfg = SynthConfig()
+    cases = [sample_case(cfg, "ct", (40, 48, 32), 2, i) for i in range(2)]
+    r = render_cases(cases)
+    assert r.label.shape == (2, 1, 40, 48, 32)
+    assert all(int(r.label[i].max()) >= 1 for i in range(2))
+
+
+def test_case_params_are_json_and_replay_exactly():
+    cfg = SynthConfig()
+    case = sample_case(cfg, "us", (64, 64), 9, 4)
+    again = CaseParams.model_validate(json.loads(case.model_dump_json()))
+    assert again == case
+    a, b = render_cases([case]), render_cases([again])
+    assert torch.equal(a.image, b.image) and torch.equal(a.label, b.label)
+
+
+def test_case_depends_only_on_seed_and_index():
+    cfg = SynthConfig()
+    assert sample_case(cfg, "ct", (64, 64), 1, 5) == sample_case(cfg, "ct", (64, 64), 1, 5)
+    assert sample_case(cfg, "ct", (64, 64), 1, 5) != sample_case(cfg, "ct", (64, 64), 1, 6)
+    assert sample_case(cfg, "ct", (64, 64), 1, 5) != sample_case(cfg, "ct", (64, 64), 2, 5)
+
+
+def test_difficulty_lowers_contrast_to_the_touching_neighbour():
+    from medfm.synth.texture import TextureConfig
+
+    gaps = {}
+    for d in (0.0, 1.0):
+        cfg = SynthConfig(
+            anatomy=AnatomyConfig(p_touch=1.0, p_tube=0, p_nested=0, p_rim=0),
+            texture=TextureConfig(difficulty=(d, d), p_random_contrast=0.0),
+        )
+        g = []
+        for i in range(20):
+            c = sample_case(cfg, "ct", (64, 64), 0, i)
+            for k, s in enumerate(c.anatomy.structures):
+                if s.touches >= 0:
+                    g.append(abs(c.texture.means[k + 1] - c.texture.means[s.touches + 1]))
+        gaps[d] = sum(g) / len(g)
+    assert gaps[1.0] < 0.5 * gaps[0.0]
