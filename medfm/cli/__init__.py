@@ -1,0 +1,1 @@
+"""The ``medfm`` command line (typer). Thin: it parses, validates and calls the library."""

@@ -1,0 +1,113 @@
+"""The ``medfm`` command: exit codes, one-line errors, generate / preview / info."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from medfm.cli.main import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_is_instant_and_lists_commands():
+    r = subprocess.run(
+        [sys.executable, "-m", "medfm.cli.main", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "synth" in r.stdout and "info" in r.stdout
+    # heavy modules are imported inside commands only
+    probe = "import sys, medfm.cli.main; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"
+
+
+def test_info_prints_versions_and_devices():
+    r = run("info")
+    assert r.exit_code == 0
+    assert "torch" in r.output and "devices" in r.output and "threads" in r.output
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--modality", "ct,xray"], "unknown modality xray"),
+        (["--size", "16"], "too small"),
+        (["--size", "64x"], "--size"),
+        (["--dim", "3", "--size", "64,64"], "3D size"),
+        (["--dim", "4"], "--dim"),
+        (["--shard", "3/2"], "invalid"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, extra, message):
+    out = tmp_path / "ds"
+    r = subprocess.run(
+        [sys.executable, "-m", "medfm.cli.main", "synth", "generate", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run("synth", "generate", "--out", blocker / "ds", "-n", "1", "--size", "32")
+    assert r.exit_code == 2 and "cannot write" in r.output
+
+
+def test_generate_preview_and_rerun(tmp_path):
+    out = tmp_path / "ds"
+    args = ["synth", "generate", "--out", out, "-n", "3", "--size", "48", "--preview"]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert "3 cases written" in r.output
+    img = np.asarray(Image.open(out / "preview.png"))
+    assert img.ndim == 3 and img.shape[0] > 100
+    # coloured outline pixels are drawn (r, g, b differ)
+    assert (np.ptp(img.astype(int), axis=2) > 60).sum() > 10
+    r = run(*args)
+    assert r.exit_code == 0 and "0 cases written, 3 already there" in r.output
+    r = run("synth", "generate", "--out", out, "-n", "4", "--size", "48")
+    assert r.exit_code == 2 and "different arguments" in r.output
+
+
+def test_preview_command(tmp_path):
+    out = tmp_path / "ds"
+    assert (
+        run(
+            "synth",
+            "generate",
+            "--out",
+            out,
+            "-n",
+            "2",
+            "--size",
+            "40",
+            "--dim",
+            "3",
+            "--modality",
+            "mri",
+        ).exit_code
+        == 0
+    )
+    r = run("synth", "preview", out, "--out", tmp_path / "grid.png")
+    assert r.exit_code == 0
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape[1] >= 3 * 100  # three orthogonal slices for a 3D case
+    r = run("synth", "preview", tmp_path / "missing")
+    assert r.exit_code == 2 and "not a folder" in r.output
