@@ -88,7 +88,9 @@ def synth_generate(
     seed: Annotated[int, typer.Option(help="Run seed: case i depends on (seed, i) only.")] = 0,
     shard: Annotated[str | None, typer.Option(help="K/N: write cases i with i % N == K.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    batch: Annotated[int, typer.Option(help="Cases rendered together (changes no file).")] = 8,
+    batch: Annotated[
+        int | None, typer.Option(help="Cases rendered together (default 16 in 2D, 2 in 3D).")
+    ] = None,
     workers: Annotated[int, typer.Option(help="Worker processes (changes no file).")] = 1,
     preview: Annotated[bool, typer.Option("--preview", help="Write preview.png.")] = False,
 ) -> None:

@@ -59,10 +59,16 @@ def _percentile_values(flat: Tensor, p: float) -> Tensor:
     rank = p / 100.0 * (n - 1)
     below = math.floor(rank)
     frac = rank - below
-    v_below = flat.kthvalue(below + 1, dim=1).values
-    if frac == 0.0 or below + 1 >= n:
+    above = min(below + 1, n - 1)
+    # the order statistics `below` and `above` (0-based) from a partial sort of the nearer tail
+    if below < n - 1 - above:
+        vals = flat.topk(above + 1, dim=1, largest=False).values  # ascending
+        v_below, v_above = vals[:, below], vals[:, above]
+    else:
+        vals = flat.topk(n - below, dim=1, largest=True).values  # descending
+        v_below, v_above = vals[:, n - 1 - below], vals[:, n - 1 - above]
+    if frac == 0.0:
         return v_below
-    v_above = flat.kthvalue(below + 2, dim=1).values
     return torch.lerp(v_below, v_above, torch.full_like(v_below, frac))
 
 

@@ -355,50 +355,62 @@ def _upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(x.unsqueeze(0), scale_factor=factor, mode=mode, align_corners=False)[0]
 
 
-_DIRS: dict[int, torch.Tensor] = {}
+_TABLE_SIZE = {2: (1, 512), 3: (64, 128)}  # (polar, azimuth) samples of the radial factor
+_MONO: dict[int, torch.Tensor] = {}
 
 
-def _directions(ndim: int) -> torch.Tensor:
-    """Fixed unit directions (N, ndim) used to bound a blob's extent."""
-    if ndim not in _DIRS:
+def _table_monomials(ndim: int) -> torch.Tensor:
+    """(Nt * Np, n_harmonics) monomials of the unit directions of the radial-factor table:
+    azimuth phi_j = -pi + 2 pi j / (Np - 1) and (3D) polar angle theta_i = pi i / (Nt - 1)."""
+    if ndim not in _MONO:
+        nt, n_phi = _TABLE_SIZE[ndim]
+        phi = torch.linspace(-math.pi, math.pi, n_phi, dtype=torch.float64)
         if ndim == 2:
-            a = torch.linspace(0, 2 * math.pi, 129)[:-1]
-            d = torch.stack([a.cos(), a.sin()], 1)
+            d = torch.stack([phi.cos(), phi.sin()])  # (2, Np)
         else:
-            n = 400
-            i = torch.arange(n, dtype=torch.float64) + 0.5
-            phi = torch.acos(1 - 2 * i / n)
-            theta = math.pi * (1 + 5**0.5) * i
-            d = torch.stack([phi.sin() * theta.cos(), phi.sin() * theta.sin(), phi.cos()], 1)
-        _DIRS[ndim] = d.float()
-    return _DIRS[ndim]
+            theta = torch.linspace(0, math.pi, nt, dtype=torch.float64)[:, None]
+            d = torch.stack(
+                [theta.sin() * phi.cos(), theta.sin() * phi.sin(), theta.cos().expand(nt, n_phi)]
+            ).reshape(3, -1)
+        cols = []
+        for e in _monomial_exponents(ndim):
+            term = torch.ones(d.shape[1], dtype=torch.float64)
+            for axis, p in enumerate(e):
+                term = term * d[axis] ** p
+            cols.append(term)
+        _MONO[ndim] = torch.stack(cols, 1).float()
+    return _MONO[ndim]
 
 
-def _radial_factor(unit: torch.Tensor, harmonics: tuple[float, ...], ndim: int) -> torch.Tensor:
-    """unit (ndim, *S) unit directions -> 1 + sum_m h_m * monomial_m(unit), clamped >= 0.35."""
-    powers = [[None, unit[i], unit[i] * unit[i], unit[i] * unit[i] * unit[i]] for i in range(ndim)]
-    f = torch.ones_like(unit[0])
-    for h, e in zip(harmonics, _monomial_exponents(ndim), strict=True):
-        if h == 0.0:
-            continue
-        term = None
-        for axis, p in enumerate(e):
-            if p:
-                term = powers[axis][p] if term is None else term * powers[axis][p]
-        f = f.add(term, alpha=h)
-    return f.clamp_min(0.35)
+def radial_table(harmonics: tuple[float, ...], ndim: int) -> torch.Tensor:
+    """The star-convex radius factor f(direction) = 1 + sum_m h_m monomial_m(direction),
+    clamped >= 0.35, tabulated on a direction grid: (1, 1, Nt, Np)."""
+    f = 1 + _table_monomials(ndim) @ torch.tensor(harmonics, dtype=torch.float32)
+    return f.clamp_min(0.35).view(1, 1, *_TABLE_SIZE[ndim])
 
 
-def _blob_rho(s: Structure, x: torch.Tensor) -> torch.Tensor:
-    """x (ndim, *S) normalised coordinates -> rho (*S): |u| / f(u / |u|)."""
+def _blob_rho(s: Structure, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """x (ndim, *S) normalised coordinates -> rho (*S) = |u| / f(u / |u|), with
+    u = R^T (x - c) / r and f looked up bilinearly in ``table`` (see `radial_table`)."""
     nd = x.shape[0]
-    rot = torch.tensor(s.rotation, device=x.device).view(nd, nd)
-    rel = x - torch.tensor(s.center, device=x.device).view(nd, *([1] * nd))
-    u = torch.einsum("ji,j...->i...", rot, rel) / torch.tensor(s.radii, device=x.device).view(
-        nd, *([1] * nd)
-    )
-    norm = (u * u).sum(0).sqrt().clamp_min(1e-6)
-    return norm / _radial_factor(u / norm, s.harmonics, nd)
+    u = []
+    for i in range(nd):  # u_i = sum_j R_ji (x_j - c_j) / r_i, with python scalars
+        acc = None
+        for j in range(nd):
+            w = s.rotation[j * nd + i] / s.radii[i]
+            if w != 0.0:
+                t = (x[j] - s.center[j]) * w
+                acc = t if acc is None else acc.add_(t)
+        u.append(acc if acc is not None else torch.zeros_like(x[0]))
+    norm = torch.sqrt(sum(v * v for v in u)).clamp_min_(1e-6)
+    gx = torch.atan2(u[1], u[0]).mul_(1 / math.pi)
+    if nd == 2:
+        gy = torch.zeros_like(gx)
+    else:
+        gy = torch.acos((u[2] / norm).clamp_(-1, 1)).mul_(2 / math.pi).sub_(1)
+    grid = torch.stack([gx, gy], -1).view(1, 1, -1, 2)
+    f = F.grid_sample(table.to(x.device), grid, mode="bilinear", align_corners=True)
+    return norm / f.view(norm.shape)
 
 
 def _tube_rho(s: Structure, x: torch.Tensor) -> torch.Tensor:
@@ -422,8 +434,7 @@ def _extent(s: Structure, ndim: int, max_disp: float) -> tuple[list[float], list
         p = torch.tensor(s.points)
         r = s.tube_radius + margin
         return (p.amin(0) - r).tolist(), (p.amax(0) + r).tolist()
-    f = _radial_factor(_directions(ndim).T, s.harmonics, ndim)
-    reach = max(s.radii) * float(f.max()) * 1.05 + margin  # the boundary is at |u| = f
+    reach = max(s.radii) * float(radial_table(s.harmonics, ndim).max()) * 1.02 + margin
     return [c - reach for c in s.center], [c + reach for c in s.center]
 
 
@@ -498,7 +509,7 @@ def render_anatomy(
             if any(c.stop <= c.start for c in crop):
                 continue
             if k in containers and s.kind == "blob":
-                full_rho[k] = _blob_rho(s, x)
+                full_rho[k] = _blob_rho(s, x, radial_table(s.harmonics, nd))
             # Each structure is evaluated on the coarsest grid (factor f, f/2, ..., 1 of the
             # full resolution) on which its thinnest part spans >= 1.5 voxels, in its box only.
             fs = _level(s, f, step)
@@ -507,14 +518,20 @@ def render_anatomy(
                 rho = full_rho[k][crop]
             else:
                 xl = _upsample(x[(slice(None), *crop)], sub)
-                rho = _tube_rho(s, xl) if s.kind == "tube" else _blob_rho(s, xl)
+                if s.kind == "tube":
+                    rho = _tube_rho(s, xl)
+                else:
+                    rho = _blob_rho(s, xl, radial_table(s.harmonics, nd))
             if s.container >= 0 and s.container in full_rho:
                 cont = _upsample(full_rho[s.container][crop].unsqueeze(0), sub)[0]
                 rho = torch.maximum(rho, cont / (1 - s.margin))
             if s.shell > 0:
                 rho = (rho - (1 - s.shell / 2)).abs() / (s.shell / 2)
-            inside = _upsample(rho.unsqueeze(0), fs)[0] < 1
             region = _full(crop, f)
-            slots[region] = torch.where(inside, k + 1, slots[region])
+            lo_hi = torch.aminmax(rho)
+            if float(lo_hi.max) < 0.9:  # covers its whole box (e.g. background tissue)
+                slots[region].fill_(k + 1)
+            elif float(lo_hi.min) <= 1.1:  # else it is nowhere in its box
+                slots[region].masked_fill_(_upsample(rho.unsqueeze(0), fs)[0] < 1, k + 1)
         out.append(slots[tuple(slice(0, n) for n in shape)])
     return torch.stack(out), label_lut

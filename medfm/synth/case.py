@@ -204,6 +204,7 @@ def _compact_labels(
     return torch.where(keep, rank.gather(1, lut), torch.zeros_like(lut))
 
 
+@torch.inference_mode()
 def render_cases(cases: list[CaseParams], device: torch.device | str = "cpu") -> Rendered:
     """Render cases of one modality and shape as a batch. Each case's output depends only on
     its own parameters (not on the batch it is rendered in)."""
@@ -219,14 +220,10 @@ def render_cases(cases: list[CaseParams], device: torch.device | str = "cpu") ->
         anatomies, shape, noise["deform"], coarse_factor=cases[0].coarse_factor
     )
     physics = [c.physics for c in cases]
-    visible = us.beam_mask(physics, shape, device) if modality == "us" else None
-    lut = _compact_labels(slots, label_lut, cases[0].min_voxels, visible)
-    label = lut.gather(1, slots.flatten(1)).view(slots.shape).unsqueeze(1)
-    if visible is not None:
-        label = label * visible.unsqueeze(1)
     grid = normalized_grid(shape, device)
     octaves = [noise[f"octave{i}"] for i in range(len(octave_shapes(shape)))]
     image = render_texture([c.texture for c in cases], anatomies, slots, grid, octaves)
+    visible = None
     if modality == "ct":
         image = ct.render_hu(physics, image, grid, noise)
     elif modality == "mri":
@@ -234,10 +231,16 @@ def render_cases(cases: list[CaseParams], device: torch.device | str = "cpu") ->
     else:
         tissues = [[s.tissue for s in a.structures] for a in anatomies]
         acoustic = gather_slots(us.acoustic_table(tissues, device), slots)
-        image, _ = us.render(physics, image, acoustic, noise)
+        image, visible = us.render(physics, image, acoustic, noise)
+        visible = visible[:, 0]  # labels only inside the beam
+    lut = _compact_labels(slots, label_lut, cases[0].min_voxels, visible)
+    label = lut.gather(1, slots.flatten(1)).view(slots.shape).unsqueeze(1)
+    if visible is not None:
+        label = label * visible.unsqueeze(1)
     return Rendered(image=image.float(), label=label.to(torch.uint8))
 
 
+@torch.inference_mode()
 def to_output(cases: list[CaseParams], image: torch.Tensor) -> torch.Tensor:
     """Rendered images -> what is written: 2D uint8 grey; 3D CT int16 HU, MRI/US float32."""
     modality = cases[0].modality

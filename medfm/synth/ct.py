@@ -70,8 +70,7 @@ class CTConfig(BaseModel):
 
     dose: tuple[float, float] = (0.25, 4.0)
     noise_hu: tuple[float, float] = (8.0, 25.0)
-    noise_corr: tuple[float, float] = (0.5, 1.0)
-    psf: tuple[float, float] = (0.4, 1.1)
+    psf: tuple[float, float] = (0.5, 1.1)
     p_streaks: float = Field(0.35, ge=0, le=1)
     streak_hu: tuple[float, float] = (30.0, 200.0)
     p_beam_hardening: float = Field(0.5, ge=0, le=1)
@@ -88,7 +87,6 @@ class CTParams(BaseModel):
     modality: Literal["ct"] = "ct"
     dose: float
     noise_hu: float
-    noise_corr: float
     psf: float
     bone_center: tuple[float, ...] = ()
     streaks: tuple[tuple[float, float, float, float], ...] = ()
@@ -134,7 +132,6 @@ def sample_physics(cfg: CTConfig, anatomy: AnatomyParams, ndim: int, draw: Draw)
     return CTParams(
         dose=draw.log_uniform(*cfg.dose),
         noise_hu=draw.uniform(*cfg.noise_hu),
-        noise_corr=draw.uniform(*cfg.noise_corr),
         psf=draw.uniform(*cfg.psf),
         bone_center=center,
         streaks=tuple(streaks),
@@ -186,20 +183,21 @@ def noise_gain(sigma: float) -> float:
 def render_hu(
     params: list[CTParams], image: torch.Tensor, grid: torch.Tensor, noise: dict[str, torch.Tensor]
 ) -> torch.Tensor:
-    """Textured HU image (B, 1, *S) -> CT image in HU (artifacts, PSF, quantum noise)."""
+    """Textured HU image (B, 1, *S) -> CT image in HU: streaks and beam hardening, quantum
+    noise of std ``noise_hu / sqrt(dose)``, then the reconstruction PSF (a Gaussian of
+    ``psf`` voxels), which also gives the noise its spatial correlation."""
     device = image.device
     nd = image.dim() - 2
     lines = _line_artifacts(params, grid)
     if lines is not None:
         image = image + (lines.unsqueeze(-1) if nd == 3 else lines)
     psf = torch.tensor([p.psf for p in params], device=device)
-    image = gaussian_blur(image, psf)
-    corr = torch.tensor([p.noise_corr for p in params], device=device)
-    gains = torch.tensor([noise_gain(p.noise_corr) ** nd for p in params], device=device)
-    std = torch.tensor([p.noise_hu / math.sqrt(p.dose) for p in params], device=device)
+    # white noise scaled so that its std after the PSF blur is exactly noise_hu / sqrt(dose)
+    std = torch.tensor(
+        [p.noise_hu / math.sqrt(p.dose) / noise_gain(p.psf) ** nd for p in params], device=device
+    )
     shape = (-1,) + (1,) * (nd + 1)
-    quantum = gaussian_blur(noise["quantum"], corr) / gains.view(shape)
-    return image + std.view(shape) * quantum
+    return gaussian_blur(image + std.view(shape) * noise["quantum"], psf)
 
 
 def to_display(params: list[CTParams], hu: torch.Tensor) -> torch.Tensor:

@@ -221,7 +221,7 @@ def generate_dataset(
     seed: int = 0,
     shard: str | tuple[int, int] | None = None,
     device: str = "cpu",
-    batch: int = 8,
+    batch: int | None = None,
     workers: int = 1,
     preview: bool = False,
     spacing: Sequence[float] | None = None,
@@ -230,13 +230,17 @@ def generate_dataset(
 ) -> GenerateReport:
     """Generate (or resume) a synthetic dataset in ``out``; see the module docstring.
 
-    ``progress(k)`` is called with the number of cases finished after each batch.
+    ``batch`` cases are rendered together (default 16 in 2D, 2 in 3D); neither it nor
+    ``workers`` changes any file. ``progress(k)`` is called with the number of cases finished
+    after each batch.
     """
     mods = parse_modalities(modalities)
     shape = parse_size(size, dim)
     k, n_shards = parse_shard(shard)
     if n < 1:
         raise MedfmError(f"-n must be >= 1, got {n}")
+    if batch is None:
+        batch = 16 if dim == 2 else 2
     if batch < 1 or workers < 1:
         raise MedfmError("--batch and --workers must be >= 1")
     dev = parse_device(device)

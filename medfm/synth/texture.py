@@ -100,11 +100,12 @@ def sample_texture(
 
 
 def octave_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Coarse grid shapes of the texture octaves (4, 8, 16, ... up to a quarter of the field)."""
+    """Coarse grid shapes of the texture octaves (4, 8, 16, ... up to an eighth of the field;
+    finer grain comes from each modality's noise)."""
     top = max(shape)
     out = []
     n = 4
-    while n <= max(4, top // 4):
+    while n <= max(4, top // 8):
         out.append(tuple(max(2, round(s / top * n)) for s in shape))
         n *= 2
     return out
@@ -131,10 +132,9 @@ def slot_table(params: list[TextureParams], anatomies: list[AnatomyParams], devi
 
 def gather_slots(table: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """table (B, K, F), slots (B, *S) int64 -> (B, F, *S)."""
-    B = table.shape[0]
-    nd = slots.dim() - 1
-    bidx = torch.arange(B, device=slots.device).view(B, *([1] * nd))
-    return table[bidx, slots].movedim(-1, 1)
+    B, _, nf = table.shape
+    idx = slots.reshape(B, 1, -1).expand(B, nf, -1)
+    return table.transpose(1, 2).gather(2, idx).view(B, nf, *slots.shape[1:])
 
 
 def render_texture(
@@ -153,11 +153,11 @@ def render_texture(
     sigma = torch.tensor([p.edge_sigma for p in params], device=device)
     mean = gaussian_blur(mean, sigma)
     pers = torch.tensor([p.persistence for p in params], device=device)
-    # The octaves are at most a quarter of the field: sum them at half resolution, then
-    # upsample once.
+    # The octaves are at most an eighth of the field: sum them at a quarter of the
+    # resolution, then upsample once.
     shape = tuple(slots.shape[1:])
-    half = tuple(max(2, s // 2) for s in shape)
-    tex = smooth_field(fractal_field(octaves, half, pers), shape)  # (B, 2, *S)
+    quarter = tuple(max(2, s // 4) for s in shape)
+    tex = smooth_field(fractal_field(octaves, quarter, pers), shape)  # (B, 2, *S)
     mix = vals[:, 2:3]
     t = mix * tex[:, :1] + torch.sqrt((1 - mix * mix).clamp_min(0)) * tex[:, 1:2]
     return mean + vals[:, 1:2] * t

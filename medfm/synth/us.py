@@ -19,7 +19,6 @@ from medfm.kernels import (
     gaussian_blur,
     polar_to_cartesian,
     rayleigh_speckle,
-    sector_grid,
 )
 from medfm.synth.anatomy import AnatomyParams
 from medfm.synth.rng import Draw
@@ -164,20 +163,51 @@ def _geometry(params: list[USParams], device):
     return apex, radii, angles
 
 
-def beam_mask(params: list[USParams], shape: tuple[int, ...], device) -> torch.Tensor:
-    """(B, *shape) bool: inside the probe's field of view (the same on every elevation slice)."""
-    apex, radii, angles = _geometry(params, device)
-    _, inside = sector_grid((shape[0], shape[1]), apex, radii, angles)
-    inside = inside[:, 0]
-    if len(shape) == 3:
-        inside = inside.unsqueeze(-1).expand(-1, -1, -1, shape[2])
-    return inside
-
-
 def envelope(params: list[USParams], noise: dict[str, torch.Tensor]) -> torch.Tensor:
     """Speckle envelope (B, 1, *S) in the polar frame: Rayleigh with E[|z|^2] = 1."""
     psf = torch.tensor([p.psf for p in params], device=noise["real"].device)
     return rayleigh_speckle(noise["real"], noise["imag"], psf)
+
+
+def polar_log_amplitude(
+    params: list[USParams],
+    echo: torch.Tensor,
+    acoustic: torch.Tensor,
+    noise: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """echo (B, 1, *S) echogenicity and acoustic (B, 2, *S) [impedance, attenuation] on the
+    image grid -> natural log of the echo amplitude (B, 1, Nr, Ntheta[, D]) in the probe's
+    polar frame, before log compression: speckle, specular reflections, attenuation,
+    shadowing and TGC (the last three are sums of logs along the beam, so no exp is needed)."""
+    device = echo.device
+    B = echo.shape[0]
+    shape = tuple(echo.shape[2:])
+    nd = len(shape)
+    apex, radii, angles = _geometry(params, device)
+    maps = torch.cat([echo.clamp_min(0), acoustic], 1)
+    polar = cartesian_to_polar(
+        maps, apex, radii, angles, (shape[0], shape[1]), padding_mode="border"
+    )  # (B, 3, Nr, Nt[, D])
+    e, z, att = polar[:, :1], polar[:, 1:2], polar[:, 2:3]
+    view = (B,) + (1,) * (nd + 1)
+
+    speckle = envelope(params, noise)
+    # Intensity reflection coefficient at each interface along the beam (depth = axis 2).
+    refl = torch.zeros_like(z)
+    dz, sz = z[:, :, 1:] - z[:, :, :-1], (z[:, :, 1:] + z[:, :, :-1]).clamp_min(1e-3)
+    refl[:, :, :-1] = (dz / sz).square_()
+    spec = torch.tensor([p.specular for p in params], device=device).view(view)
+    specular = gaussian_blur(refl.sqrt(), [0.7] + [0.0] * (nd - 1)).mul_(spec)
+    amp = e.sqrt_().mul_(speckle).add_(specular.mul_(speckle.mul(0.5).add_(0.5)))
+    # Two-way attenuation and transmission losses accumulated above each sample, minus TGC.
+    dr = ((radii[:, 1] - radii[:, 0]) / shape[0] / shape[0]).view(view)  # image heights / row
+    alpha = torch.tensor([p.attenuation for p in params], device=device).view(view)
+    tgc = torch.tensor([p.tgc for p in params], device=device).view(view)
+    loss = (2 * NEPERS) * alpha * dr * att - 2 * torch.log1p(-refl.clamp_(max=0.999))
+    above = torch.cumsum(loss, 2).sub_(loss)
+    rows = torch.arange(shape[0], device=device, dtype=torch.float32)
+    gain = (2 * NEPERS) * alpha * dr * tgc * rows.view(1, 1, -1, *([1] * (nd - 1)))
+    return amp.clamp_min_(1e-6).log_().sub_(above).add_(gain)
 
 
 def polar_amplitude(
@@ -186,46 +216,8 @@ def polar_amplitude(
     acoustic: torch.Tensor,
     noise: dict[str, torch.Tensor],
 ) -> torch.Tensor:
-    """echo (B, 1, *S) echogenicity and acoustic (B, 2, *S) [impedance, attenuation] on the
-    image grid -> echo amplitude (B, 1, Nr, Ntheta[, D]) in the probe's polar frame (before
-    log compression): speckle, specular reflections, attenuation, shadowing and TGC."""
-    device = echo.device
-    B = echo.shape[0]
-    shape = tuple(echo.shape[2:])
-    nd = len(shape)
-    polar_size = (shape[0], shape[1])
-    apex, radii, angles = _geometry(params, device)
-    maps = torch.cat([echo.clamp_min(0), acoustic], 1)
-    polar = cartesian_to_polar(
-        maps, apex, radii, angles, polar_size, padding_mode="border"
-    )  # (B, 3, Nr, Nt[, D])
-    e, z, att = polar[:, :1], polar[:, 1:2], polar[:, 2:3]
-    view = (B,) + (1,) * (nd + 1)
-
-    speckle = envelope(params, noise)
-    backscatter = e.sqrt() * speckle
-    # Specular reflection at interfaces along the beam (depth = polar axis 2).
-    z_next = torch.cat([z[:, :, 1:], z[:, :, -1:]], 2)
-    refl = ((z_next - z) / (z_next + z).clamp_min(1e-3)) ** 2  # intensity reflection coeff.
-    spec = torch.tensor([p.specular for p in params], device=device).view(view)
-    specular = gaussian_blur(refl.sqrt(), [0.7] + [0.0] * (nd - 1)) * spec * (0.5 + 0.5 * speckle)
-    # Attenuation (two-way) and transmission losses, integrated along depth.
-    depth = (radii[:, 1] - radii[:, 0]).view(view)
-    dr = depth / shape[0] / shape[0]  # per polar row, in image heights
-    alpha = torch.tensor([p.attenuation for p in params], device=device).view(view)
-    loss = 2 * alpha * att * dr * NEPERS - 2 * torch.log1p(-refl.clamp(max=0.999))
-    through = torch.exp(-(torch.cumsum(loss, 2) - loss))
-    rows = torch.arange(shape[0], device=device, dtype=torch.float32)
-    rows = rows.view(1, 1, -1, *([1] * (nd - 1)))
-    tgc = torch.exp(
-        2
-        * alpha
-        * NEPERS
-        * rows
-        * dr
-        * torch.tensor([p.tgc for p in params], device=device).view(view)
-    )
-    return (backscatter + specular) * through * tgc
+    """The echo amplitude (B, 1, Nr, Ntheta[, D]) itself: exp of `polar_log_amplitude`."""
+    return polar_log_amplitude(params, echo, acoustic, noise).exp()
 
 
 def render(
@@ -235,15 +227,15 @@ def render(
     noise: dict[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """echo (B, 1, *S) and acoustic (B, 2, *S) maps on the image grid -> (image (B, 1, *S) in
-    [0, 1] after log compression and scan conversion, inside-the-beam mask (B, 1, *S))."""
+    [0, 1] after log compression (``gain_db``, ``dynamic_range_db``) and scan conversion,
+    inside-the-beam mask (B, 1, *S))."""
     device = echo.device
     shape = tuple(echo.shape[2:])
     view = (echo.shape[0],) + (1,) * (len(shape) + 1)
-    amp = polar_amplitude(params, echo, acoustic, noise)
+    log_amp = polar_log_amplitude(params, echo, acoustic, noise)
     apex, radii, angles = _geometry(params, device)
     gain = torch.tensor([p.gain_db for p in params], device=device).view(view)
     dyn = torch.tensor([p.dynamic_range_db for p in params], device=device).view(view)
-    db = 20 * torch.log10(amp + 1e-6) + gain
-    img = ((db + dyn) / dyn).clamp(0, 1)
-    out, mask = polar_to_cartesian(img, apex, radii, angles, (shape[0], shape[1]))
-    return out, mask
+    db = log_amp.mul_(20 / math.log(10)).add_(gain)  # 20 log10(amplitude) + gain
+    img = db.add_(dyn).div_(dyn).clamp_(0, 1)
+    return polar_to_cartesian(img, apex, radii, angles, (shape[0], shape[1]))
