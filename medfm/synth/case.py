@@ -139,13 +139,13 @@ def sample_case(
         distractor_weights=mod.distractor_tissues,
     )
     if modality == "ct":
-        physics = ct.sample_physics(cfg.ct, anatomy, nd, draw)
+        physics = ct.sample_params(cfg.ct, draw, anatomy=anatomy, shape=shape)
         tissue_value = ct.tissue_value
     elif modality == "mri":
-        physics = mri.sample_physics(cfg.mri, anatomy, nd, draw)
+        physics = mri.sample_params(cfg.mri, draw, anatomy=anatomy, shape=shape)
         tissue_value = mri.tissue_value_for(physics.weighting)
     else:
-        physics = us.sample_physics(cfg.us, anatomy, nd, draw, shape)
+        physics = us.sample_params(cfg.us, draw, anatomy=anatomy, shape=shape)
         tissue_value = us.tissue_value
     texture = sample_texture(
         cfg.texture, anatomy, nd, draw, tissue_value, mod.outside, mod.value_range, mod.log_range

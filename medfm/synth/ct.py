@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medfm.kernels import gaussian_blur, gaussian_kernel1d, window
 from medfm.synth.anatomy import AnatomyParams
-from medfm.synth.rng import Draw
+from medfm.synth.rng import Draw, as_draw
 
 # tissue -> (HU low, HU high, texture spread in HU)
 HU = {
@@ -100,7 +100,15 @@ def tissue_value(tissue: str, draw: Draw) -> tuple[float, float]:
     return draw.uniform(lo, hi), spread
 
 
-def sample_physics(cfg: CTConfig, anatomy: AnatomyParams, ndim: int, draw: Draw) -> CTParams:
+def sample_params(
+    cfg: CTConfig,
+    generator: torch.Generator | Draw,
+    *,
+    anatomy: AnatomyParams,
+    shape: tuple[int, ...],
+) -> CTParams:
+    """Draw the CT parameters of one case (``generator``: its parameter stream)."""
+    draw = as_draw(generator)
     bones = [s for s in anatomy.structures if s.tissue == "bone" and s.kind == "blob"]
     bones.sort(key=lambda s: -math.prod(s.radii))
     streaks: list[tuple[float, float, float, float]] = []

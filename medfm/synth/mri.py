@@ -23,7 +23,7 @@ from medfm.kernels import (
     undersample,
 )
 from medfm.synth.anatomy import AnatomyParams
-from medfm.synth.rng import Draw
+from medfm.synth.rng import Draw, as_draw
 
 # tissue -> ((T1 low, high), (T2 low, high), spread); signal in [0, 1]
 SIGNAL = {
@@ -110,7 +110,16 @@ def tissue_value_for(weighting: str):
     return tissue_value
 
 
-def sample_physics(cfg: MRIConfig, anatomy: AnatomyParams, ndim: int, draw: Draw) -> MRIParams:
+def sample_params(
+    cfg: MRIConfig,
+    generator: torch.Generator | Draw,
+    *,
+    anatomy: AnatomyParams,
+    shape: tuple[int, ...],
+) -> MRIParams:
+    """Draw the MRI parameters of one case (``generator``: its parameter stream)."""
+    draw = as_draw(generator)
+    ndim = len(shape)
     del anatomy
     s = draw.uniform(*cfg.bias)
     bias = tuple(draw.uniform(-s, s) for _ in range(n_bias_coeffs(ndim, cfg.bias_order)))

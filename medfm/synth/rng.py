@@ -84,6 +84,11 @@ class Draw:
         return int(self._next() * 2**53)
 
 
+def as_draw(generator: torch.Generator | Draw) -> Draw:
+    """Wrap a `torch.Generator` (or pass a `Draw` through) for `sample_params` functions."""
+    return generator if isinstance(generator, Draw) else Draw(generator)
+
+
 def noise_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """A generator on ``device`` seeded with ``seed`` (CPU and CUDA streams differ)."""
     g = torch.Generator(device=torch.device(device))

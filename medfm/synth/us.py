@@ -21,7 +21,7 @@ from medfm.kernels import (
     rayleigh_speckle,
 )
 from medfm.synth.anatomy import AnatomyParams
-from medfm.synth.rng import Draw
+from medfm.synth.rng import Draw, as_draw
 
 # tissue -> (echogenicity low, high, spread, impedance MRayl, attenuation (relative to soft))
 TISSUE = {
@@ -100,9 +100,16 @@ def tissue_value(tissue: str, draw: Draw) -> tuple[float, float]:
     return mean, 0.2 * mean  # echogenicity varies by a fraction of its level
 
 
-def sample_physics(
-    cfg: USConfig, anatomy: AnatomyParams, ndim: int, draw: Draw, shape: tuple[int, ...]
+def sample_params(
+    cfg: USConfig,
+    generator: torch.Generator | Draw,
+    *,
+    anatomy: AnatomyParams,
+    shape: tuple[int, ...],
 ) -> USParams:
+    """Draw the ultrasound parameters of one case (``generator``: its parameter stream)."""
+    draw = as_draw(generator)
+    ndim = len(shape)
     del anatomy
     H, W = shape[0], shape[1]
     probe = draw.choice(list(cfg.probes), list(cfg.probes.values()))

@@ -139,3 +139,14 @@ def test_us_outside_of_fan_is_black_and_unlabelled():
         assert not bool(r.label[i][~inside[0]].any())
         assert 0.3 < float(inside.float().mean()) < 1.0
     assert {c.physics.probe for c in cases} >= {"sector", "linear"} or len(cases) < 6
+
+
+@pytest.mark.parametrize("module, cfg", [(ct, ct.CTConfig()), (mri, mri.MRIConfig()),
+                                         (us, us.USConfig())])  # fmt: skip
+def test_sample_params_takes_a_generator_and_is_deterministic(module, cfg):
+    anatomy = sample_case(SynthConfig(), "ct", (64, 64), 0, 0).anatomy
+    a = module.sample_params(cfg, _g(3), anatomy=anatomy, shape=(64, 64))
+    b = module.sample_params(cfg, _g(3), anatomy=anatomy, shape=(64, 64))
+    c = module.sample_params(cfg, _g(4), anatomy=anatomy, shape=(64, 64))
+    assert a == b and a != c
+    assert type(a).model_validate_json(a.model_dump_json()) == a
