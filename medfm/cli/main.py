@@ -155,6 +155,11 @@ def synth_preview(
     typer.echo(str(path))
 
 
+from medfm.cli.seg import seg_app  # noqa: E402  (after user_errors, which it uses)
+
+app.add_typer(seg_app, name="seg")
+
+
 def main() -> None:  # pragma: no cover
     app()
 
