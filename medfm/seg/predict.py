@@ -1,0 +1,373 @@
+"""Prediction with any model of the zoo: `Segmenter`, SAM's interactive predictor, batched.
+
+Like segment-anything's ``SamPredictor``, the image embedding is computed once by `set_image`
+(resize of the longest side to the encoder's input with ``ResizeLongestSide``, then
+``Sam.preprocess``: normalise and pad) and reused by every `predict`; unlike it, one call takes a
+batch of N prompts (boxes and/or points) and returns N masks. With the same weights and prompts
+its masks and low-resolution logits are those of ``SamPredictor`` (tests check it).
+
+`embed` and `predict_from_embedding` split the two halves for callers that cache embeddings
+(training and evaluation). Everything runs under ``torch.inference_mode()``; the returned tensors
+are ordinary (non-inference) CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from medfm.errors import MedfmError
+from medfm.seg.models import SEG_MODELS, build_model, load_pretrained
+from medfm.seg.types import Prediction, to_rgb_uint8
+
+__all__ = ["Segmenter"]
+
+_CHUNK = 64  # prompts per decoder call: each holds a copy of the 256x64x64 embedding
+
+
+def _float_array(x: object, what: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise MedfmError(f"{what} must be an array of numbers, got {type(x).__name__}") from None
+
+
+class Segmenter:
+    """A SAM-style predictor (`medfm.seg.types.Predictor`) around a segment-anything ``Sam``.
+
+    Arguments:
+        model: any model of `medfm.seg.models` (put in eval mode, moved to ``device``).
+        name: the name reported by evaluation (e.g. "medfm-tiny", "vit_b").
+        device: where the model runs; results are returned on the CPU.
+    """
+
+    prompt_types = ("box", "point")
+
+    def __init__(self, model: Sam, name: str, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.name = name
+        self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        self.reset_image()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_dir: str | os.PathLike,
+        checkpoint: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Segmenter:
+        """A name of ``SEG_MODELS`` (weights from ``checkpoint``, see `build_model`), or a medfm
+        model folder (config.json + model.safetensors, e.g. a training run's output)."""
+        key = str(name_or_dir)
+        if key in SEG_MODELS:
+            return cls(build_model(key, checkpoint), key, device)
+        folder = Path(name_or_dir)
+        if folder.is_dir() and (folder / "config.json").is_file():
+            if checkpoint is not None:
+                raise MedfmError(
+                    f"{folder} is a model folder with its own weights; drop the checkpoint "
+                    f"{checkpoint} or pass a model name ({', '.join(SEG_MODELS)})"
+                )
+            model, config = load_pretrained(folder)
+            return cls(model, config["model"], device)
+        raise MedfmError(
+            f"{key!r} is neither a model name ({', '.join(SEG_MODELS)}) nor a medfm model folder "
+            "(config.json + model.safetensors)"
+        )
+
+    # ---------------------------------------------------------------------------------------
+    # the image
+
+    def reset_image(self) -> None:
+        """Forget the image set by `set_image`."""
+        self._embedding: torch.Tensor | None = None
+        self._input_size: tuple[int, int] | None = None
+        self._original_size: tuple[int, int] | None = None
+
+    @property
+    def is_image_set(self) -> bool:
+        return self._embedding is not None
+
+    def embed(
+        self, image: np.ndarray | torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """image (H, W) or (H, W, 3), uint8 (other dtypes via `to_rgb_uint8`) ->
+        (embedding 1xCxhxw float32 on the model's device (C=256, h=w=64 for every model of the
+        zoo), input_size (h, w) after resizing the longest side, original_size (H, W))."""
+        try:
+            rgb = to_rgb_uint8(image)
+        except ValueError as e:
+            raise MedfmError(f"{self.name}: {e}; give an (H, W) or (H, W, 3) image") from None
+        h, w = rgb.shape[:2]
+        size = self.transform.target_length
+        if min(self.transform.get_preprocess_shape(h, w, size)) < 1:
+            raise MedfmError(
+                f"{self.name}: an image of {h} x {w} pixels is too thin to resize to {size}"
+            )
+        resized = self.transform.apply_image(rgb)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        with torch.inference_mode():
+            embedding = self.model.image_encoder(self.model.preprocess(x))
+        return embedding.clone(), (int(x.shape[-2]), int(x.shape[-1])), (int(h), int(w))
+
+    def set_image(self, image: np.ndarray | torch.Tensor) -> None:
+        """image (H, W) or (H, W, 3) uint8: compute its embedding once for `predict`."""
+        self._embedding, self._input_size, self._original_size = self.embed(image)
+
+    # ---------------------------------------------------------------------------------------
+    # prompts
+
+    def predict(
+        self,
+        boxes: np.ndarray | torch.Tensor | None = None,
+        points: np.ndarray | torch.Tensor | None = None,
+        labels: np.ndarray | torch.Tensor | None = None,
+        *,
+        multimask: bool = False,
+        mask_input: np.ndarray | torch.Tensor | None = None,
+    ) -> Prediction:
+        """N prompts on the image of `set_image` -> N masks.
+
+        Arguments:
+            boxes: (N, 4) x0, y0, x1, y1 in pixels of the image (a single (4,) box is N = 1).
+            points: (N, P, 2) x, y in pixels, with labels (N, P): 1 positive, 0 negative,
+                -1 padding (ignored), so prompts with fewer points can share a batch.
+            multimask: ask for SAM's three masks and keep the best-scoring one per prompt.
+            mask_input: (N, 1, 256, 256) or (N, 256, 256) low-resolution logits of an earlier
+                prediction (``Prediction.logits``), fed back for refinement clicks.
+
+        Returns:
+            Prediction(masks (N, H, W) bool, scores (N,) predicted IoU, logits (N, 256, 256)).
+        """
+        if self._embedding is None:
+            raise MedfmError(f"{self.name}: call set_image(image) before predict")
+        return self.predict_from_embedding(
+            self._embedding,
+            self._input_size,
+            self._original_size,
+            boxes,
+            points,
+            labels,
+            multimask=multimask,
+            mask_input=mask_input,
+        )
+
+    def predict_from_embedding(
+        self,
+        embedding: torch.Tensor,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+        boxes: np.ndarray | torch.Tensor | None = None,
+        points: np.ndarray | torch.Tensor | None = None,
+        labels: np.ndarray | torch.Tensor | None = None,
+        *,
+        multimask: bool = False,
+        mask_input: np.ndarray | torch.Tensor | None = None,
+    ) -> Prediction:
+        """`predict` on an embedding from `embed` (1xCxhxw or Cxhxw, any float dtype and device,
+        e.g. fp16 from a cache) with its input_size and original_size (H, W)."""
+        emb = self._check_embedding(embedding)
+        input_size, original_size = self._check_sizes(input_size, original_size)
+        height, width = original_size
+        box_t = self._check_boxes(boxes, height, width) if boxes is not None else None
+        pts_t, lab_t = (None, None)
+        if points is not None or labels is not None:
+            pts_t, lab_t = self._check_points(points, labels, height, width)
+        n_sizes = {len(t) for t in (box_t, pts_t) if t is not None}
+        if len(n_sizes) > 1:
+            raise MedfmError(
+                f"{self.name}: {len(box_t)} boxes but {len(pts_t)} point prompts; "
+                "give one box per point prompt (N matching)"
+            )
+        mask_t = None
+        if mask_input is not None:
+            mask_t = self._check_mask_input(mask_input, n_sizes)
+            n_sizes.add(len(mask_t))
+        if not n_sizes:
+            raise MedfmError(f"{self.name}: give boxes (N, 4) or points (N, P, 2) with labels")
+        n = n_sizes.pop()
+        if n == 0:
+            return Prediction(
+                masks=torch.zeros((0, height, width), dtype=torch.bool),
+                scores=torch.zeros(0),
+                logits=torch.zeros((0, *self.model.prompt_encoder.mask_input_size)),
+            )
+        if box_t is not None:
+            box_t = self.transform.apply_boxes(box_t, original_size)
+        if pts_t is not None:
+            pts_t = self.transform.apply_coords(pts_t, original_size)
+        masks, scores, logits = [], [], []
+        for start in range(0, n, _CHUNK):
+            part = slice(start, start + _CHUNK)
+            out = self._decode(
+                emb,
+                input_size,
+                original_size,
+                None if box_t is None else box_t[part],
+                None if pts_t is None else (pts_t[part], lab_t[part]),
+                None if mask_t is None else mask_t[part],
+                multimask,
+            )
+            for acc, t in zip((masks, scores, logits), out, strict=True):
+                acc.append(t)
+        # clone outside inference mode: ordinary tensors the caller may modify
+        return Prediction(
+            masks=torch.cat(masks).clone(),
+            scores=torch.cat(scores).clone(),
+            logits=torch.cat(logits).clone(),
+        )
+
+    @torch.inference_mode()
+    def _decode(
+        self,
+        embedding: torch.Tensor,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+        boxes: np.ndarray | None,
+        points: tuple[np.ndarray, np.ndarray] | None,
+        mask_input: torch.Tensor | None,
+        multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompts already in the input frame -> masks (n, H, W), scores (n,), logits (n, h, w)."""
+        model, device = self.model, self.device
+        box_t = None if boxes is None else torch.as_tensor(boxes, dtype=torch.float, device=device)
+        pts = None
+        if points is not None:
+            pts = (
+                torch.as_tensor(points[0], dtype=torch.float, device=device),
+                torch.as_tensor(points[1], dtype=torch.int, device=device),
+            )
+        if mask_input is not None:
+            mask_input = mask_input.to(device, torch.float)
+        sparse, dense = model.prompt_encoder(points=pts, boxes=box_t, masks=mask_input)
+        low_res, iou = model.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )  # (n, 1 or 3, h, w), (n, 1 or 3)
+        best = iou.argmax(dim=1)
+        rows = torch.arange(len(iou), device=iou.device)
+        low_res, iou = low_res[rows, best][:, None], iou[rows, best]
+        up = model.postprocess_masks(low_res, input_size, original_size)
+        return (up[:, 0] > model.mask_threshold).cpu(), iou.float().cpu(), low_res[:, 0].cpu()
+
+    # ---------------------------------------------------------------------------------------
+    # checks
+
+    def _check_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
+        pe = self.model.prompt_encoder
+        want = (pe.embed_dim, *pe.image_embedding_size)
+        emb = torch.as_tensor(embedding)
+        if emb.ndim == 3:
+            emb = emb[None]
+        if emb.ndim != 4 or emb.shape[0] != 1 or tuple(emb.shape[1:]) != want:
+            raise MedfmError(
+                f"{self.name}: the embedding has shape {tuple(emb.shape)}, expected "
+                f"(1, {', '.join(map(str, want))}); was it computed by this model?"
+            )
+        return emb.to(self.device, torch.float32)
+
+    def _check_sizes(
+        self, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
+        try:
+            ih, iw = (int(v) for v in input_size)
+            oh, ow = (int(v) for v in original_size)
+        except (TypeError, ValueError):
+            raise MedfmError(
+                f"{self.name}: input_size and original_size must be (H, W) pairs, got "
+                f"{input_size!r} and {original_size!r}"
+            ) from None
+        size = self.transform.target_length
+        if self.transform.get_preprocess_shape(oh, ow, size) != (ih, iw):
+            raise MedfmError(
+                f"{self.name}: input_size {(ih, iw)} is not original_size {(oh, ow)} resized to "
+                f"{size}; pass the sizes returned by embed()"
+            )
+        return (ih, iw), (oh, ow)
+
+    def _check_boxes(self, boxes: object, height: int, width: int) -> np.ndarray:
+        b = _float_array(boxes, "boxes")
+        if b.shape == (4,):
+            b = b[None]
+        if b.ndim != 2 or b.shape[1] != 4:
+            raise MedfmError(f"{self.name}: boxes must be (N, 4) x0, y0, x1, y1, got {b.shape}")
+        if not np.isfinite(b).all():
+            raise MedfmError(f"{self.name}: boxes contain NaN or inf")
+        flipped = np.flatnonzero((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]))
+        if flipped.size:
+            i = int(flipped[0])
+            raise MedfmError(
+                f"{self.name}: box {i} {b[i].tolist()} has x1 < x0 or y1 < y0; "
+                "boxes are x0, y0, x1, y1 with x0 <= x1 and y0 <= y1"
+            )
+        outside = np.flatnonzero(
+            (b[:, 0] < 0) | (b[:, 1] < 0) | (b[:, 2] > width) | (b[:, 3] > height)
+        )
+        if outside.size:
+            i = int(outside[0])
+            raise MedfmError(
+                f"{self.name}: box {i} {b[i].tolist()} lies outside the {width} x {height} "
+                f"(W x H) image; boxes are x0, y0, x1, y1 pixels with 0 <= x <= {width} "
+                f"and 0 <= y <= {height}"
+            )
+        return b
+
+    def _check_points(
+        self, points: object, labels: object, height: int, width: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if points is None or labels is None:
+            raise MedfmError(f"{self.name}: points (N, P, 2) need labels (N, P), and vice versa")
+        p = _float_array(points, "points")
+        lab = _float_array(labels, "labels")
+        if p.ndim != 3 or p.shape[2] != 2 or lab.shape != p.shape[:2]:
+            raise MedfmError(
+                f"{self.name}: points must be (N, P, 2) x, y with labels (N, P), got "
+                f"{p.shape} and {lab.shape}"
+            )
+        if not np.isin(lab, (-1, 0, 1)).all():
+            raise MedfmError(
+                f"{self.name}: point labels must be 1 (positive), 0 (negative) or -1 (padding)"
+            )
+        real = lab != -1
+        xy = p[real]
+        if not np.isfinite(xy).all():
+            raise MedfmError(f"{self.name}: points contain NaN or inf")
+        inside = (xy[:, 0] >= 0) & (xy[:, 0] < width) & (xy[:, 1] >= 0) & (xy[:, 1] < height)
+        if not inside.all():
+            bad = xy[np.flatnonzero(~inside)[0]].tolist()
+            raise MedfmError(
+                f"{self.name}: point {bad} lies outside the {width} x {height} (W x H) image; "
+                f"points are x, y pixels with 0 <= x < {width} and 0 <= y < {height}"
+            )
+        p = np.where(real[..., None], p, 0.0)  # padding points: coordinates ignored
+        return p, lab.astype(np.int64)
+
+    def _check_mask_input(self, mask_input: object, n_sizes: set[int]) -> torch.Tensor:
+        if isinstance(mask_input, torch.Tensor):
+            m = mask_input.detach().float()
+        else:
+            m = torch.as_tensor(_float_array(mask_input, "mask_input"), dtype=torch.float)
+        want = tuple(self.model.prompt_encoder.mask_input_size)
+        if m.ndim == 3:
+            m = m[:, None]
+        if m.ndim != 4 or m.shape[1] != 1 or tuple(m.shape[2:]) != want:
+            raise MedfmError(
+                f"{self.name}: mask_input must be (N, 1, {want[0]}, {want[1]}) low-resolution "
+                f"logits (Prediction.logits), got {tuple(m.shape)}"
+            )
+        if n_sizes and len(m) not in n_sizes:
+            raise MedfmError(
+                f"{self.name}: {len(m)} mask inputs for {n_sizes.pop()} prompts; give one each"
+            )
+        return m

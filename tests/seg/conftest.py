@@ -1,0 +1,82 @@
+"""Shared fixtures for medfm.seg: tiny SAM ViT specs and checkpoints in the official format."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from segment_anything.modeling import Sam
+
+from medfm.seg.models import SamSpec, build_sam_vit
+
+# A SAM ViT small enough for tests that keeps the official checkpoint's key names: 256 input,
+# 16 px patches (a 16x16 embedding, 64x64 low-res masks), windows of 4, block 1 global.
+TINY_SPEC = SamSpec(
+    encoder_embed_dim=32,
+    encoder_depth=2,
+    encoder_num_heads=2,
+    encoder_global_attn_indexes=(1,),
+    image_size=256,
+    patch_size=16,
+    window_size=4,
+)
+# Another size, standing in for "a vit_l checkpoint" when a tiny vit_b is asked for.
+TINY_L_SPEC = SamSpec(
+    encoder_embed_dim=48,
+    encoder_depth=3,
+    encoder_num_heads=2,
+    encoder_global_attn_indexes=(2,),
+    image_size=256,
+    patch_size=16,
+    window_size=4,
+)
+
+
+def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    """Add seeded noise to every parameter and buffer (SAM zero-initialises some, e.g. the
+    relative position tables), so that loading the wrong values would show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.add_(torch.randn(t.shape, generator=g) * scale)
+    return model
+
+
+def tiny_sam(spec: SamSpec = TINY_SPEC, seed: int = 0) -> Sam:
+    """A tiny SAM ViT with seeded random weights (eval mode)."""
+    return randomize_(build_sam_vit(spec), seed).eval()
+
+
+@pytest.fixture
+def tiny_spec() -> SamSpec:
+    return TINY_SPEC
+
+
+@pytest.fixture
+def tiny_l_spec() -> SamSpec:
+    return TINY_L_SPEC
+
+
+@pytest.fixture
+def write_tiny_checkpoint(tmp_path) -> Callable[..., tuple[Path, dict]]:
+    """write(name="sam_tiny.pth", spec=TINY_SPEC, seed=0, wrap=None, prefix="") -> (path, state):
+    a tiny random SAM saved as official SAM checkpoints are (``torch.save`` of the state dict;
+    ``wrap="model"`` nests it as training checkpoints do, ``prefix="module."`` as DDP does)."""
+
+    def write(
+        name: str = "sam_tiny.pth",
+        spec: SamSpec = TINY_SPEC,
+        seed: int = 0,
+        wrap: str | None = None,
+        prefix: str = "",
+    ) -> tuple[Path, dict]:
+        state = tiny_sam(spec, seed).state_dict()
+        saved = {prefix + k: v for k, v in state.items()}
+        path = tmp_path / name
+        torch.save({wrap: saved} if wrap else saved, path)
+        return path, state
+
+    return write
