@@ -155,6 +155,24 @@ def synth_preview(
     typer.echo(str(path))
 
 
+@app.command("run")
+@user_errors
+def run(
+    recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see recipes/).")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list steps.")] = False,
+) -> None:
+    """Run a pydantic-validated YAML recipe (synthetic data, training, evaluation); resumes."""
+    from medfm.recipe import load_recipe, run_recipe
+
+    r = load_recipe(recipe)
+    if dry_run:
+        for i, step in enumerate(r.steps, 1):
+            kind, args = next(iter(step.model_dump().items()))
+            typer.echo(f"{i}. {kind}: {args.get('out')}")
+        return
+    run_recipe(r, log=lambda m: typer.echo(m))
+
+
 from medfm.cli.seg import seg_app  # noqa: E402  (after user_errors, which it uses)
 
 app.add_typer(seg_app, name="seg")

@@ -100,3 +100,226 @@ def seg_evaluate(
         f"{report['model']}, {prompt} prompts, {report['n_cases']} cases: "
         f"mean Dice {report['mean_dice']:.4f}, NSD {report['mean_nsd']:.4f} -> {out}"
     )
+
+
+def _progress_bar(description: str):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        f"[progress.description]{description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        transient=True,
+        disable=not sys.stderr.isatty(),
+    )
+
+
+@seg_app.command("train")
+@user_errors
+def seg_train(
+    data: Annotated[
+        list[Path], typer.Option("--data", help="2D nnU-Net folder(s); repeat to mix sets.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name.")] = "medfm-tiny",
+    checkpoint: Annotated[
+        str | None, typer.Option("--checkpoint", "-c", help="Official SAM/MedSAM .pth, or weights.")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
+    batch: Annotated[int, typer.Option(help="Images per step.")] = 8,
+    prompts_per_image: Annotated[int, typer.Option(help="Labels prompted per image.")] = 4,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
+    loss: Annotated[str, typer.Option(help="sam (20 focal + Dice + IoU) or dice.")] = "sam",
+    train_encoder: Annotated[
+        bool, typer.Option("--train-encoder", help="Train the image encoder too (medfm-tiny).")
+    ] = False,
+    keep_decoder: Annotated[
+        bool, typer.Option("--keep-decoder", help="Start from the checkpoint's decoder.")
+    ] = False,
+    refine_iters: Annotated[int, typer.Option(help="Refinement clicks per prompt.")] = 2,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
+    cache: Annotated[Path | None, typer.Option(help="Embedding cache folder.")] = None,
+    seed: Annotated[int, typer.Option(help="Run seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run.")] = False,
+) -> None:
+    """Train SAM's prompt encoder and mask decoder on synthetic data (SynthFM recipe)."""
+    from pydantic import ValidationError
+
+    from medfm.seg.prompts import PromptConfig
+    from medfm.seg.train import TrainConfig, train
+
+    try:
+        cfg = TrainConfig(
+            model=model, checkpoint=checkpoint, data=tuple(str(d) for d in data), out=str(out),
+            steps=steps, batch=batch, prompts_per_image=prompts_per_image, lr=lr, warmup=warmup,
+            loss=loss, train_encoder=train_encoder, keep_decoder=keep_decoder,
+            checkpoint_every=checkpoint_every, cache=str(cache) if cache else None, seed=seed,
+            device=device, prompt=PromptConfig(refine_iters=refine_iters),
+        )  # fmt: skip
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise MedfmError(f"--{'-'.join(map(str, err['loc']))}: {err['msg']}") from None
+    with _progress_bar("training") as bar:
+        task = bar.add_task("train", total=steps, info="")
+
+        def progress(step: int, metrics: dict) -> None:
+            bar.update(task, completed=step, info=f"loss {metrics.get('loss', 0):.4f}")
+
+        final = train(cfg, resume=resume, log=lambda m: typer.echo(m, err=True), progress=progress)
+    typer.echo(f"model saved in {final}")
+
+
+@seg_app.command("embed")
+@user_errors
+def seg_embed(
+    data: Annotated[list[Path], typer.Option("--data", help="2D nnU-Net folder(s).")],
+    cache: Annotated[Path, typer.Option(help="Embedding cache folder.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name.")] = "vit_b",
+    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Compute each image's embedding once into the cache (fp16, memory-mapped)."""
+    from medfm.seg.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(
+        model=model, checkpoint=checkpoint, data=tuple(str(d) for d in data),
+        out=str(cache / ".embed"), cache=str(cache), device=device,
+    )  # fmt: skip
+    trainer = Trainer(cfg, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"{len(trainer.data.images)} images embedded in {cache} ({trainer.cache.stats()})")
+
+
+def _numbers(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise MedfmError(f"{what} {text!r} must be comma-separated numbers") from None
+
+
+@seg_app.command("predict")
+@user_errors
+def seg_predict(
+    image: Annotated[Path, typer.Option("--image", "-i", help="PNG/JPEG or NIfTI file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Mask file (.png or .nii.gz).")],
+    box: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--box",
+            help="x0,y0,x1,y1 (2D); x0,y0,x1,y1,k (a box on slice k) or x0,y0,x1,y1,z0,z1 "
+            "(a 3D box, propagated from its middle slice). Repeat for several objects.",
+        ),
+    ] = None,
+    point: Annotated[
+        list[str] | None,
+        typer.Option("--point", help="x,y[,label] (2D) or x,y,k[,label] (3D); label 1 or 0."),
+    ] = None,
+    model: Annotated[str, typer.Option("--model", "-m")] = "medfm-tiny",
+    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Segment an image from box or point prompts; object i gets label i in the output."""
+    import numpy as np
+    import torch
+
+    from medfm.io import Volume, read_image, read_nifti, write_nifti, write_png
+    from medfm.seg.evaluate import load_predictor, volume_uint8
+    from medfm.seg.volume import check_box, propagate_box3d, segment_slice
+
+    if not box and not point:
+        raise MedfmError("give at least one --box or --point")
+    if box and point:
+        raise MedfmError("give --box or --point prompts, not both")
+    if not image.is_file():
+        raise MedfmError(f"image {image} not found")
+    name = image.name.lower()
+    is_nifti = name.endswith((".nii", ".nii.gz"))
+    vol = read_nifti(image) if is_nifti else read_image(image)
+    three_d = vol.ndim == 3
+    out_name = out.name.lower()
+    if three_d and not out_name.endswith((".nii", ".nii.gz")):
+        raise MedfmError("a 3D image's mask is written as NIfTI: use --out mask.nii.gz")
+    if not three_d and not out_name.endswith((".png", ".nii", ".nii.gz")):
+        raise MedfmError("--out must end in .png, .nii or .nii.gz")
+    if three_d:
+        pixels = volume_uint8(vol.data[0].numpy())
+        h, w, depth = pixels.shape
+    else:
+        data = vol.data
+        pixels = data.numpy() if data.shape[0] == 3 else data[0].numpy()
+        pixels = np.moveaxis(pixels, 0, -1) if pixels.ndim == 3 else pixels
+        h, w = pixels.shape[:2]
+    predictor = load_predictor(model, checkpoint, device=device)
+    label = np.zeros(pixels.shape[:2] if not three_d else (h, w, depth), dtype=np.uint8)
+
+    if box:
+        for i, text in enumerate(box, 1):
+            v = _numbers(text, "--box")
+            if three_d and len(v) == 6:
+                mask = propagate_box3d(predictor, pixels, np.array(v, np.float32))
+            elif three_d and len(v) == 5:
+                k = int(v[4])
+                if not 0 <= k < depth:
+                    raise MedfmError(f"--box slice {k} is outside 0..{depth - 1}")
+                b = np.array(v[:4], np.float32)
+                check_box(b, h, w)
+                mask = np.zeros(label.shape, bool)
+                mask[:, :, k] = segment_slice(predictor, pixels[:, :, k], box=b)
+            elif not three_d and len(v) == 4:
+                b = np.array(v, np.float32)
+                check_box(b, h, w)
+                mask = segment_slice(predictor, pixels, box=b)
+            else:
+                want = "x0,y0,x1,y1,k or x0,y0,x1,y1,z0,z1" if three_d else "x0,y0,x1,y1"
+                raise MedfmError(f"--box {text!r}: a {'3D' if three_d else '2D'} box is {want}")
+            label[mask] = i
+    else:
+        groups: dict[int, list[tuple[float, float, int]]] = {}
+        for text in point:
+            v = _numbers(text, "--point")
+            n_xy = 3 if three_d else 2
+            if len(v) not in (n_xy, n_xy + 1):
+                want = "x,y,k[,label]" if three_d else "x,y[,label]"
+                raise MedfmError(f"--point {text!r} must be {want}")
+            x, y = v[0], v[1]
+            k = int(v[2]) if three_d else 0
+            lab = int(v[n_xy]) if len(v) > n_xy else 1
+            if not (0 <= x < w and 0 <= y < h) or (three_d and not 0 <= k < depth):
+                raise MedfmError(f"--point {text!r} lies outside the image")
+            groups.setdefault(k, []).append((x, y, lab))
+        for k, pts in groups.items():
+            p = np.array([[x, y] for x, y, _ in pts], np.float32)
+            lab = np.array([c for _, _, c in pts], np.int64)
+            if three_d:
+                label[:, :, k][segment_slice(predictor, pixels[:, :, k], points=p, labels=lab)] = 1
+            else:
+                label[segment_slice(predictor, pixels, points=p, labels=lab)] = 1
+
+    mask_vol = Volume(torch.from_numpy(label)[None], vol.affine)
+    if out_name.endswith(".png"):
+        write_png(mask_vol, out)
+    else:
+        write_nifti(mask_vol, out)
+    typer.echo(f"{out}: {int((label > 0).sum())} voxels in {int(label.max())} object(s)")
+
+
+@seg_app.command("export")
+@user_errors
+def seg_export(
+    run: Annotated[Path, typer.Argument(help="A training run (or its model/ folder).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Official-format .pth to write.")],
+) -> None:
+    """Write weights that segment-anything's sam_model_registry loads (ViT models)."""
+    from medfm.seg.export import export_run
+
+    folder = run / "model" if (run / "model" / "config.json").is_file() else run
+    typer.echo(str(export_run(folder, out)))

@@ -208,7 +208,7 @@ def load_predictor(name: str, checkpoint: str | None = None, device: str = "cpu"
 # ----------------------------------------------------------------------------- images
 
 
-def _volume_uint8(x: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
+def volume_uint8(x: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
     """A whole (i, j, k) volume -> uint8 by its own [lower, upper] percentiles (uint8 kept)."""
     if x.dtype == np.uint8:
         return x
@@ -230,7 +230,7 @@ def _images(
         two_d = img if img.shape[0] == 3 and img.dtype == np.uint8 else img[0]
         yield 0, to_rgb_uint8(two_d), lab
         return
-    vol = _volume_uint8(img[0])
+    vol = volume_uint8(img[0])
     for k in np.flatnonzero(lab.reshape(-1, lab.shape[-1]).any(axis=0)):
         yield int(k), to_rgb_uint8(vol[:, :, k]), lab[:, :, k]
 

@@ -64,12 +64,15 @@ class Segmenter:
         checkpoint: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
     ) -> Segmenter:
-        """A name of ``SEG_MODELS`` (weights from ``checkpoint``, see `build_model`), or a medfm
-        model folder (config.json + model.safetensors, e.g. a training run's output)."""
+        """A name of ``SEG_MODELS`` (weights from ``checkpoint``, see `build_model`), a medfm
+        model folder (config.json + model.safetensors), or a training run's folder (its
+        ``model/``)."""
         key = str(name_or_dir)
         if key in SEG_MODELS:
             return cls(build_model(key, checkpoint), key, device)
         folder = Path(name_or_dir)
+        if (folder / "model" / "config.json").is_file():
+            folder = folder / "model"  # a training run's folder: its final model
         if folder.is_dir() and (folder / "config.json").is_file():
             if checkpoint is not None:
                 raise MedfmError(

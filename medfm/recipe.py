@@ -1,0 +1,133 @@
+"""Recipes: a YAML file of steps (synthetic data, training, evaluation), validated by pydantic
+and run in order by ``medfm run RECIPE``. Every step resumes: running a recipe again after a
+kill continues where it stopped. Relative paths are relative to the working directory.
+
+    name: medfm-tiny
+    steps:
+      - synth: {out: runs/tiny/synth, modalities: [ct, mri, us], dim: 2, n: 6000, size: 256}
+      - train: {model: medfm-tiny, data: [runs/tiny/synth], out: runs/tiny/train, steps: 20000}
+      - evaluate: {model: runs/tiny/train/model, data: ../shared/data/us_hc18, prompt: point,
+                   out: runs/tiny/eval_us_hc18_point.json}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medfm.errors import MedfmError
+from medfm.seg.train import TrainConfig
+from medfm.synth.case import SynthConfig
+
+
+class SynthArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    out: str
+    modalities: tuple[Literal["ct", "mri", "us"], ...] = ("ct", "mri", "us")
+    dim: Literal[2, 3] = 2
+    n: int = Field(1000, ge=1)
+    size: int | tuple[int, ...] = 256
+    seed: int = 0
+    device: str = "cpu"
+    batch: int | None = None
+    workers: int = Field(1, ge=1)
+    preview: bool = True
+    config: SynthConfig = SynthConfig()
+
+
+class EvaluateArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = "medfm-tiny"
+    checkpoint: str | None = None
+    data: str
+    prompt: Literal["box", "point"] = "box"
+    out: str
+    overlays: str | None = None
+    device: str = "cpu"
+    skip_missing: bool = Field(True, description="skip (with a message) when data is absent")
+
+
+class SynthStep(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    synth: SynthArgs
+
+
+class TrainStep(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    train: TrainConfig
+
+
+class EvaluateStep(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    evaluate: EvaluateArgs
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str = ""
+    steps: list[SynthStep | TrainStep | EvaluateStep]
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise MedfmError(f"recipe {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise MedfmError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise MedfmError(f"recipe {path}: {where}: {err['msg']}") from None
+
+
+def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=None) -> None:
+    """Run every step in order (each one resumes where a previous run stopped)."""
+    for i, step in enumerate(recipe.steps, 1):
+        if isinstance(step, SynthStep):
+            from medfm.synth.dataset import generate_dataset
+
+            a = step.synth
+            log(f"[{i}/{len(recipe.steps)}] synth -> {a.out}")
+            size = a.size if isinstance(a.size, int) else ",".join(map(str, a.size))
+            rep = generate_dataset(
+                a.out, modalities=a.modalities, dim=a.dim, n=a.n, size=size, seed=a.seed,
+                device=a.device, batch=a.batch, workers=a.workers, preview=a.preview,
+                config=a.config,
+            )  # fmt: skip
+            log(f"    {rep.written} cases written, {rep.skipped} already there")
+        elif isinstance(step, TrainStep):
+            from medfm.seg.train import train
+
+            cfg = step.train
+            log(f"[{i}/{len(recipe.steps)}] train {cfg.model} -> {cfg.out}")
+            resume = (Path(cfg.out) / "train_config.json").exists()
+            final = train(cfg, resume=resume, log=lambda m: log(f"    {m}"), progress=progress)
+            log(f"    model in {final}")
+        else:
+            from medfm.seg.evaluate import evaluate, load_predictor, write_report
+
+            a = step.evaluate
+            if not Path(a.data).is_dir():
+                if a.skip_missing:
+                    log(f"[{i}/{len(recipe.steps)}] evaluate: {a.data} is absent, skipped")
+                    continue
+                raise MedfmError(f"evaluation data {a.data} not found")
+            log(f"[{i}/{len(recipe.steps)}] evaluate {a.model} on {a.data} ({a.prompt})")
+            predictor = load_predictor(a.model, a.checkpoint, device=a.device)
+            report = evaluate(
+                predictor, a.data, a.prompt, overlays=Path(a.overlays) if a.overlays else None
+            )
+            write_report(report, a.out)
+            log(f"    mean Dice {report['mean_dice']:.3f}, NSD {report['mean_nsd']:.3f} -> {a.out}")

@@ -1,0 +1,478 @@
+"""Training SAM's prompt encoder and mask decoder (and, for medfm-tiny, optionally its image
+encoder) on nnU-Net 2D datasets: the SynthFM recipe.
+
+- Frozen encoder (the default): each image's embedding is computed once into an
+  `EmbeddingCache` (fp16, memory-mapped) and training reads only embeddings and label maps.
+- Prompt encoder and mask decoder are re-initialised (``keep_decoder`` keeps the checkpoint's).
+- Every step draws its images, targets and prompts from a generator seeded by (seed, step), so
+  a run resumed from a checkpoint ends, on the CPU, with the weights of an uninterrupted run.
+- Loss: SAM's 20 x focal + Dice + IoU MSE, or Dice alone (SynthFM); the best of SAM's three
+  outputs for ambiguous prompts; iterative refinement clicks with the previous logits fed back.
+- AdamW with linear warm-up and cosine decay; mixed precision (bf16) on CUDA.
+- Checkpoints ``OUT/checkpoints/step_NNNNNNN/`` (config.json, model.safetensors of the
+  trained parameters, optimizer.safetensors, state.json written last) and the final model in
+  ``OUT/model/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+
+from medfm.errors import MedfmError
+from medfm.io import atomic_write_text, iter_dataset, read_dataset_json
+from medfm.seg.losses import dice_loss_only, sam_loss
+from medfm.seg.prompts import (
+    PromptConfig,
+    Prompts,
+    random_label_masks,
+    refinement_clicks,
+    sample_prompts,
+)
+from medfm.seg.types import to_rgb_uint8
+
+LOWRES = 256  # SAM's mask decoder predicts 256 x 256 logits (4 x the 64 x 64 embedding)
+
+
+class TrainConfig(BaseModel):
+    """Everything a training run needs; saved as OUT/train_config.json and checked on resume."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = "medfm-tiny"
+    checkpoint: str | None = None
+    data: tuple[str, ...]
+    out: str
+    steps: int = Field(2000, ge=1)
+    batch: int = Field(8, ge=1)
+    prompts_per_image: int = Field(4, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup: int = Field(100, ge=0)
+    loss: Literal["sam", "dice"] = "sam"
+    train_encoder: bool = False
+    keep_decoder: bool = False
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = True
+    cache: str | None = None
+    prompt: PromptConfig = PromptConfig()
+
+
+@dataclass
+class TrainData:
+    """In memory: images (H, W, 3) uint8 and label maps at the decoder's low resolution
+    (LOWRES x LOWRES, in the model's padded input frame)."""
+
+    images: list[np.ndarray]
+    lowres_labels: torch.Tensor  # (N, LOWRES, LOWRES) uint8
+    names: list[str]
+
+
+def _resize_shape(h: int, w: int, side: int) -> tuple[int, int]:
+    scale = side / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def lowres_label(label: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(H, W) integer label -> (LOWRES, LOWRES) uint8 in the model's input frame: resized so the
+    longest side is ``image_size`` (nearest), zero-padded bottom/right to a square, then
+    nearest-downsampled to LOWRES (SAM's preprocessing of the image, applied to the labels)."""
+    h, w = label.shape
+    rh, rw = _resize_shape(h, w, image_size)
+    x = F.interpolate(label[None, None].float(), size=(rh, rw), mode="nearest")[0, 0]
+    x = F.pad(x, (0, image_size - rw, 0, image_size - rh))
+    if image_size != LOWRES:
+        x = F.interpolate(x[None, None], size=(LOWRES, LOWRES), mode="nearest")[0, 0]
+    return x.to(torch.uint8)
+
+
+def load_training_data(folders: tuple[str, ...] | list[str], image_size: int) -> TrainData:
+    """Read every case of several 2D nnU-Net folders (synthetic, diffusion-made or real)."""
+    images, labels, names = [], [], []
+    for folder in folders:
+        meta = read_dataset_json(folder)
+        if meta.file_ending != ".png":
+            raise MedfmError(
+                f"{folder}: training reads 2D .png datasets, this one is {meta.file_ending}; "
+                "generate 2D data with medfm synth generate --dim 2"
+            )
+        for case, image, label in iter_dataset(folder):
+            lab = label.data[0].long()
+            if int(lab.max()) == 0:
+                continue  # nothing to prompt
+            images.append(to_rgb_uint8(image.data))
+            labels.append(lowres_label(lab, image_size))
+            names.append(f"{Path(folder).name}/{case}")
+    if not images:
+        raise MedfmError(f"no labelled cases in {', '.join(map(str, folders))}")
+    return TrainData(images=images, lowres_labels=torch.stack(labels), names=names)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of one training step: a function of (seed, step) only."""
+    g = torch.Generator()
+    g.manual_seed((int(seed) * 1_000_003 + int(step) * 7919) & 0x7FFFFFFFFFFFFFFF)
+    return g
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def trainable_prefixes(cfg: TrainConfig) -> tuple[str, ...]:
+    return (
+        ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+        if cfg.train_encoder
+        else ("prompt_encoder.", "mask_decoder.")
+    )
+
+
+def _reinit(module: torch.nn.Module) -> None:
+    for m in module.modules():
+        if hasattr(m, "reset_parameters") and m is not module:
+            m.reset_parameters()
+
+
+def init_model(cfg: TrainConfig):
+    """Build the model with deterministic initial weights (a function of cfg.seed)."""
+    from medfm.seg.models import build_model
+
+    # Module constructors draw from torch's global generator: fork it so the initial weights
+    # depend on the seed only, and the caller's global state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, cfg.checkpoint)
+        if not cfg.keep_decoder and cfg.checkpoint is not None:
+            _reinit(model.prompt_encoder)
+            _reinit(model.mask_decoder)
+    return model
+
+
+def decode(
+    model,
+    embeddings: torch.Tensor,
+    image_index: torch.Tensor,
+    prompts: Prompts,
+    mask_input: torch.Tensor | None,
+    multimask: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run SAM's prompt encoder and mask decoder for N prompts on B images.
+
+    embeddings (B, C, h, w); image_index (N,); prompt coordinates in LOWRES pixels (scaled by
+    ``scale`` to the model input); mask_input (N, 1, LOWRES, LOWRES) logits or None.
+    Returns logits (N, K, LOWRES, LOWRES) and iou predictions (N, K), K = 3 with multimask.
+    SAM's decoder takes one image per call: prompts are grouped by image and by box/point.
+    """
+    n = len(prompts)
+    k = 3 if multimask else 1
+    logits = embeddings.new_zeros((n, k, LOWRES, LOWRES))
+    ious = embeddings.new_zeros((n, k))
+    pe = model.prompt_encoder.get_dense_pe()
+    for b in torch.unique(image_index).tolist():
+        for with_box in (True, False):
+            sel = torch.nonzero((image_index == b) & (prompts.has_box == with_box)).flatten()
+            if sel.numel() == 0:
+                continue
+            p = prompts.subset(sel)
+            pts = (p.points * scale, p.labels) if bool((p.labels >= 0).any()) else None
+            sparse, dense = model.prompt_encoder(
+                points=pts,
+                boxes=p.boxes * scale if with_box else None,
+                masks=None if mask_input is None else mask_input[sel],
+            )
+            low, iou = model.mask_decoder(
+                image_embeddings=embeddings[b : b + 1],
+                image_pe=pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
+            logits = logits.index_copy(0, sel, low.float())
+            ious = ious.index_copy(0, sel, iou.float())
+    return logits, ious
+
+
+class Trainer:
+    """One training run (see the module docstring). ``run()`` trains until cfg.steps."""
+
+    def __init__(self, cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise MedfmError("--device cuda was asked for but torch sees no CUDA device")
+        self.log = log or (lambda msg: None)
+        self.model = init_model(cfg).to(self.device)
+        self.image_size = int(self.model.image_encoder.img_size)
+        self.scale = self.image_size / LOWRES
+        self.data = load_training_data(cfg.data, self.image_size)
+        prefixes = trainable_prefixes(cfg)
+        self.names = [n for n, _ in self.model.named_parameters() if n.startswith(prefixes)]
+        params = dict(self.model.named_parameters())
+        for n, p in params.items():
+            p.requires_grad_(n in self.names)
+        self.opt = torch.optim.AdamW(
+            [params[n] for n in self.names], lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps)
+        )
+        self.step = 0
+        self.cache = None
+        if not cfg.train_encoder:
+            self._fill_cache()
+
+    # ------------------------------------------------------------------ embeddings
+
+    def model_id(self) -> str:
+        ck = self.cfg.checkpoint
+        if ck is None:
+            return f"{self.cfg.model}:random-seed{self.cfg.seed}"
+        path = Path(ck)
+        stat = path.stat() if path.exists() else None
+        return f"{self.cfg.model}:{path.resolve()}:{stat.st_size if stat else 0}"
+
+    def _encode(self, images: list[np.ndarray]) -> torch.Tensor:
+        return self.model.image_encoder(self._preprocess(images))
+
+    def _preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        t = ResizeLongestSide(self.image_size)
+        batch = []
+        for im in images:
+            x = torch.as_tensor(t.apply_image(im), device=self.device).permute(2, 0, 1).float()
+            batch.append(self.model.preprocess(x[None])[0])
+        return torch.stack(batch)
+
+    def _fill_cache(self) -> None:
+        from medfm.seg.cache import EmbeddingCache
+
+        root = Path(self.cfg.cache) if self.cfg.cache else self.out / "embeddings"
+        self.cache = EmbeddingCache(root, self.model_id())
+        todo = [im for im in self.data.images if self.cache.get_array(im) is None]
+        if todo:
+            self.log(f"embedding {len(todo)} images (cached for later epochs and runs)")
+        with torch.inference_mode():
+            for s in range(0, len(todo), 16):
+                self.cache.get_or_compute(todo[s : s + 16], self._encode, batch_size=8)
+
+    def embeddings(self, idx: list[int]) -> torch.Tensor:
+        if self.cache is not None:
+            arrays = [self.cache.get_array(self.data.images[i]) for i in idx]
+            return torch.stack(
+                [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in arrays]
+            ).to(self.device)
+        return self._encode([self.data.images[i] for i in idx])
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        g = step_generator(cfg.seed, step)
+        idx = torch.randint(len(self.data.images), (cfg.batch,), generator=g).tolist()
+        labels = self.data.lowres_labels[idx].to(self.device)
+        image_index, masks = random_label_masks(
+            labels, generator=g, max_per_image=cfg.prompts_per_image
+        )
+        if masks.shape[0] == 0:
+            return {"loss": 0.0}
+        prompts = sample_prompts(masks, cfg.prompt, input_size=LOWRES, generator=g)
+        target = masks[:, None].float()
+        self.model.train()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._amp())
+        with autocast:
+            emb = self.embeddings(idx)
+        total = torch.zeros((), device=self.device)
+        mask_input = None
+        n_iter = 1 + cfg.prompt.refine_iters
+        last = {}
+        for it in range(n_iter):
+            multimask = cfg.prompt.multimask and it == 0
+            with autocast:
+                logits, iou = decode(
+                    self.model, emb, image_index, prompts, mask_input, multimask, self.scale
+                )
+            if cfg.loss == "sam":
+                out = sam_loss(logits, target, iou)
+            else:
+                out = dice_loss_only(logits, target)
+            total = total + out.total
+            last = {k: float(getattr(out, k).detach()) for k in ("dice", "focal", "iou")}
+            if it + 1 < n_iter:
+                best = logits.gather(
+                    1, out.best[:, None, None, None].expand(-1, 1, LOWRES, LOWRES)
+                ).detach()
+                pts, lab = refinement_clicks(
+                    best[:, 0] > 0, masks, generator=g, mode=cfg.prompt.refine_mode
+                )
+                prompts = prompts.add_points(pts, lab)
+                mask_input = best
+        loss = total / n_iter
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return {"loss": float(loss), **last, "lr": self.sched.get_last_lr()[0]}
+
+    def _amp(self) -> bool:
+        return self.cfg.amp and self.device.type == "cuda"
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        state = self.model.state_dict()
+        prefixes = trainable_prefixes(self.cfg)
+        return {
+            k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(prefixes)
+        }
+
+    def save_checkpoint(self) -> Path:
+        ck = self.out / "checkpoints" / f"step_{self.step:07d}"
+        tmp = ck.with_name(ck.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(self.trained_state(), str(tmp / "model.safetensors"))
+        opt_tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(self.model_config(), indent=2))
+        state = {"step": self.step, "optimizer": opt_meta, "scheduler": self.sched.state_dict()}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        shutil.rmtree(ck, ignore_errors=True)
+        os.replace(tmp, ck)
+        old = sorted(p for p in ck.parent.iterdir() if p.name.startswith("step_") and
+                     not p.name.endswith(".partial"))  # fmt: skip
+        for p in old[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(p, ignore_errors=True)
+        return ck
+
+    def model_config(self) -> dict:
+        return {
+            "model": self.cfg.model,
+            "base_checkpoint": self.cfg.checkpoint,
+            "trained": list(trainable_prefixes(self.cfg)),
+            "train_config": json.loads(self.cfg.model_dump_json()),
+        }
+
+    def latest_checkpoint(self) -> Path | None:
+        root = self.out / "checkpoints"
+        if not root.is_dir():
+            return None
+        done = sorted(p for p in root.iterdir() if (p / "state.json").exists()
+                      and not p.name.endswith(".partial"))  # fmt: skip
+        return done[-1] if done else None
+
+    def resume(self) -> bool:
+        ck = self.latest_checkpoint()
+        if ck is None:
+            return False
+        state = json.loads((ck / "state.json").read_text())
+        weights = load_file(str(ck / "model.safetensors"))
+        missing = self.model.load_state_dict(weights, strict=False)
+        if missing.unexpected_keys:
+            raise MedfmError(
+                f"{ck}: checkpoint has unexpected weights {missing.unexpected_keys[:3]}"
+            )
+        tensors = load_file(str(ck / "optimizer.safetensors"))
+        self.opt.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+        self.sched.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.log(f"resumed from {ck} at step {self.step}")
+        return True
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, *, progress: Callable[[int, dict], None] | None = None) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        while self.step < self.cfg.steps:
+            t0 = time.perf_counter()
+            metrics = self.train_step(self.step)
+            self.step += 1
+            metrics["s_per_step"] = time.perf_counter() - t0
+            if progress:
+                progress(self.step, metrics)
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+                self.save_checkpoint()
+        return self.save_final()
+
+    def save_final(self) -> Path:
+        from medfm.seg.models import save_pretrained
+
+        final = self.out / "model"
+        save_pretrained(self.model, final, name=self.cfg.model, extra=self.model_config())
+        return final
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdamW state dict -> (tensors for safetensors, JSON-able rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta_state: dict[str, dict] = {}
+    for pid, st in sd["state"].items():
+        meta_state[str(pid)] = {}
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"{pid}.{key}"] = val.detach().cpu().contiguous()
+            else:
+                meta_state[str(pid)][key] = val
+    return tensors, {"state": meta_state, "param_groups": sd["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for pid, rest in meta["state"].items():
+        state[int(pid)] = dict(rest)
+    for name, val in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = val
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def prepare_run(cfg: TrainConfig, *, resume: bool) -> None:
+    """Create OUT, or check that an existing OUT was made by the same config."""
+    out = Path(cfg.out)
+    saved = out / "train_config.json"
+    text = cfg.model_dump_json(indent=2)
+    if saved.exists():
+        old = TrainConfig.model_validate_json(saved.read_text())
+        if old != cfg:
+            diff = [f for f in TrainConfig.model_fields if getattr(old, f) != getattr(cfg, f)]
+            raise MedfmError(
+                f"{out} holds a run with other settings ({', '.join(diff)}); use a new --out"
+            )
+        if not resume and (out / "checkpoints").exists():
+            raise MedfmError(f"{out} already holds a run; pass --resume to continue it")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, text)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, log=None, progress=None) -> Path:
+    """Train (or resume) a run; returns the final model folder."""
+    prepare_run(cfg, resume=resume)
+    trainer = Trainer(cfg, log=log)
+    if resume:
+        trainer.resume()
+    return trainer.run(progress=progress)
+
+
+__all__ = ["TrainConfig", "Trainer", "train", "decode", "lowres_label", "lr_factor"]

@@ -1,0 +1,79 @@
+"""Prompting 3D volumes slice by slice: per-slice prompts, and MedSAM's propagation of a 3D box
+from its middle slice outwards, each slice prompted by the box of the previous slice's mask.
+
+Slices are taken along the last axis k of a (i, j, k) volume; a slice (i, j) is a 2D image with
+rows i (y) and columns j (x), as in `medfm.seg.evaluate`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from medfm.errors import MedfmError
+from medfm.seg.types import Predictor, to_rgb_uint8
+
+
+def _mask_box(mask: np.ndarray) -> np.ndarray | None:
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return None
+    return np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=np.float32)
+
+
+def check_box(box: np.ndarray, height: int, width: int) -> None:
+    """A 2D box (4,) xyxy must lie inside a (height, width) image with x0 <= x1, y0 <= y1."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if x1 < x0 or y1 < y0:
+        raise MedfmError(f"box {box.tolist()} has x1 < x0 or y1 < y0; give x0,y0,x1,y1")
+    if x0 < 0 or y0 < 0 or x1 > width - 1 or y1 > height - 1:
+        raise MedfmError(
+            f"box {box.tolist()} lies outside the image (width {width}, height {height}); "
+            f"x must be in 0..{width - 1} and y in 0..{height - 1}"
+        )
+
+
+def segment_slice(predictor: Predictor, image: np.ndarray, **prompt) -> np.ndarray:
+    """One 2D image (H, W) or (H, W, 3) and one prompt (box (4,) or points (P, 2) + labels (P,))
+    -> mask (H, W) bool."""
+    predictor.set_image(to_rgb_uint8(image))
+    boxes = prompt.get("box")
+    points = prompt.get("points")
+    labels = prompt.get("labels")
+    pred = predictor.predict(
+        boxes=None if boxes is None else np.asarray(boxes, np.float32)[None],
+        points=None if points is None else np.asarray(points, np.float32)[None],
+        labels=None if labels is None else np.asarray(labels, np.int64)[None],
+        multimask=boxes is None and points is not None and len(points) == 1,
+    )
+    masks = pred.masks
+    return (masks.numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks))[0]
+
+
+def propagate_box3d(predictor: Predictor, volume: np.ndarray, box3d: np.ndarray) -> np.ndarray:
+    """MedSAM's 3D inference: volume (i, j, k) uint8, box3d (6,) = x0, y0, x1, y1, z0, z1
+    (x along j, y along i, z along k, all inclusive) -> mask (i, j, k) bool.
+
+    The middle slice (z0 + z1) // 2 is segmented with the 2D box; each next slice towards z1
+    (and towards z0) is prompted with the tight box of the previous slice's mask; propagation
+    stops in a direction when a mask comes out empty.
+    """
+    h, w, depth = volume.shape
+    x0, y0, x1, y1, z0, z1 = (float(v) for v in box3d)
+    z0, z1 = int(z0), int(z1)
+    if not 0 <= z0 <= z1 < depth:
+        raise MedfmError(f"3D box slices {z0}..{z1} must lie in 0..{depth - 1} with z0 <= z1")
+    box = np.array([x0, y0, x1, y1], np.float32)
+    check_box(box, h, w)
+    out = np.zeros(volume.shape, dtype=bool)
+    mid = (z0 + z1) // 2
+    out[:, :, mid] = segment_slice(predictor, volume[:, :, mid], box=box)
+    for direction, stop in ((1, z1), (-1, z0)):
+        prev = out[:, :, mid]
+        for z in range(mid + direction, stop + direction, direction):
+            b = _mask_box(prev)
+            if b is None:
+                break
+            prev = segment_slice(predictor, volume[:, :, z], box=b)
+            out[:, :, z] = prev
+    return out

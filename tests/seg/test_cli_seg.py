@@ -1,0 +1,130 @@
+"""``medfm seg predict / train / export`` and ``medfm run``: outputs, exit codes, errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medfm.cli.main import app
+from medfm.io import Volume, read_nifti, read_png, write_nifti, write_png
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def png(tmp_path):
+    img = np.full((60, 80), 40, np.uint8)
+    img[20:40, 30:60] = 200
+    path = tmp_path / "img.png"
+    write_png(torch.from_numpy(img)[None], path)
+    return path
+
+
+@pytest.fixture
+def nifti(tmp_path):
+    vol = np.zeros((30, 40, 12), np.float32)
+    vol[10:20, 15:30, 3:9] = 500.0
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine[:3, 3] = (10, -5, 3)
+    path = tmp_path / "vol.nii.gz"
+    write_nifti(Volume(torch.from_numpy(vol)[None], affine), path)
+    return path, affine
+
+
+def test_predict_png_with_boxes(png, tmp_path):
+    out = tmp_path / "mask.png"
+    r = run("seg", "predict", "--model", "box-fill", "--image", png, "--box", "30,20,59,39",
+            "--box", "0,0,9,9", "--out", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    mask = read_png(out).data[0].numpy()
+    assert mask.shape == (60, 80)
+    assert (mask[20:40, 30:60] == 1).all() and (mask[:10, :10] == 2).all()
+    assert (mask > 0).sum() == 20 * 30 + 100
+
+
+def test_predict_nifti_3d_box_propagates_and_keeps_the_affine(nifti, tmp_path):
+    path, affine = nifti
+    out = tmp_path / "mask.nii.gz"
+    # x along j (columns 15..29), y along i (rows 10..19), slices 3..8
+    r = run("seg", "predict", "-m", "box-fill", "-i", path, "--box", "15,10,29,19,3,8",
+            "-o", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    mask = read_nifti(out)
+    assert np.allclose(mask.affine, affine)
+    m = mask.data[0].numpy()
+    assert (m[10:20, 15:30, 3:9] == 1).all() and m.sum() == 10 * 15 * 6
+    # a box on one slice
+    r = run("seg", "predict", "-m", "box-fill", "-i", path, "--box", "15,10,29,19,5", "-o", out)
+    assert r.exit_code == 0 and read_nifti(out).data[0, :, :, 5].sum() == 150
+    assert read_nifti(out).data[0].sum() == 150
+
+
+def test_predict_with_medfm_tiny_points(png, tmp_path):
+    out = tmp_path / "m.png"
+    r = run("seg", "predict", "-i", png, "--point", "40,30", "--point", "5,5,0", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert read_png(out).data.shape == (1, 60, 80)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-i", "missing.png", "--box", "1,1,5,5"], "not found"),
+        (["--box", "0,0,200,10"], "outside the image"),
+        (["--box", "1,2,3"], "x0,y0,x1,y1"),
+        (["--point", "500,5"], "outside the image"),
+        ([], "at least one"),
+        (["--point", "5,5", "-m", "box-fill"], "needs box prompts"),
+    ],
+)
+def test_predict_errors_are_one_line_exit_2(png, tmp_path, args, message):
+    base = ["seg", "predict", "-o", str(tmp_path / "m.png")]
+    if "-i" not in args:
+        base += ["-i", str(png)]
+    if "-m" not in args:
+        base += ["-m", "box-fill"]
+    r = subprocess.run([sys.executable, "-m", "medfm.cli.main", *base, *args],
+                       capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
+
+
+def test_checkpoint_of_the_wrong_model_is_a_clear_error(png, tmp_path, write_tiny_checkpoint):
+    path, _ = write_tiny_checkpoint()
+    r = run("seg", "predict", "-m", "vit_b", "-c", path, "-i", png, "--box", "1,1,5,5",
+            "-o", tmp_path / "m.png")  # fmt: skip
+    assert r.exit_code == 2 and "vit_b" in r.output
+
+
+def test_export_of_medfm_tiny_is_refused(tmp_path):
+    from medfm.seg.models import build_medfm_tiny, save_pretrained
+
+    save_pretrained(build_medfm_tiny(), tmp_path / "model", name="medfm-tiny")
+    r = run("seg", "export", tmp_path, "--out", tmp_path / "x.pth")
+    assert r.exit_code == 2 and "medfm-tiny" in r.output
+
+
+def test_run_recipe_synth_and_evaluate(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: smoke
+steps:
+  - synth: {{out: {tmp_path}/synth, modalities: [us], n: 2, size: 64, preview: false}}
+  - evaluate: {{model: box-ellipse, data: {tmp_path}/synth, prompt: box, out: {tmp_path}/r.json}}
+  - evaluate: {{model: box-ellipse, data: {tmp_path}/absent, prompt: box, out: {tmp_path}/x.json}}
+""")
+    r = run("run", recipe)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "r.json").is_file() and "skipped" in r.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsteps:\n  - synth: {out: a, n: 0}\n")
+    r = run("run", bad)
+    assert r.exit_code == 2 and "steps.0" in r.output

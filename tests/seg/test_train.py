@@ -1,0 +1,110 @@
+"""Training: deterministic steps, exact resume after a kill on the CPU, checkpoints, configs."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medfm.errors import MedfmError
+from medfm.seg.prompts import PromptConfig
+from medfm.seg.train import TrainConfig, lowres_label, lr_factor, prepare_run, train
+from medfm.synth.anatomy import AnatomyConfig
+from medfm.synth.case import SynthConfig
+from medfm.synth.dataset import generate_dataset
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "ds"
+    generate_dataset(out, modalities="ct,us", dim=2, n=2, size=64, seed=5)
+    return out
+
+
+def _cfg(synth, out, **kw):
+    base = dict(
+        model="medfm-tiny", data=(str(synth),), out=str(out), steps=4, batch=1,
+        prompts_per_image=1, warmup=1, checkpoint_every=2, lr=1e-3,
+        prompt=PromptConfig(refine_iters=1, n_pos=(1, 1), n_neg=(0, 0)),
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(run):
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_resume_after_a_kill_ends_with_the_same_weights(synth, tmp_path):
+    full = _cfg(synth, tmp_path / "full")
+    train(full)
+
+    killed = _cfg(synth, tmp_path / "killed")
+
+    def kill_at_3(step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(killed, progress=kill_at_3)
+    ckpts = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert ckpts == ["step_0000002"]
+    with pytest.raises(MedfmError, match="--resume"):
+        train(killed)
+    train(killed, resume=True)
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # only the prompt encoder and mask decoder are trained (frozen encoder, cached embeddings)
+    state = load_file(str(tmp_path / "full" / "checkpoints" / "step_0000004" / "model.safetensors"))
+    assert state and all(k.startswith(("prompt_encoder.", "mask_decoder.")) for k in state)
+    assert any((tmp_path / "full" / "embeddings").rglob("*.npy"))
+
+
+def test_a_run_folder_with_other_settings_is_refused(synth, tmp_path):
+    prepare_run(_cfg(synth, tmp_path / "run", steps=1), resume=False)
+    assert (tmp_path / "run" / "train_config.json").is_file()
+    with pytest.raises(MedfmError, match="other settings"):
+        prepare_run(_cfg(synth, tmp_path / "run", steps=2, lr=5e-4), resume=True)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_training_fits_one_structure_and_the_model_loads(tmp_path):
+    one = tmp_path / "one"
+    cfg1 = SynthConfig(anatomy=AnatomyConfig(n_labels=(1, 1), p_nested=0, p_tube=0, p_rim=0))
+    generate_dataset(one, modalities="mri", dim=2, n=1, size=64, seed=2, config=cfg1)
+    losses = []
+    cfg = _cfg(one, tmp_path / "fit", steps=10, lr=3e-3, checkpoint_every=100, loss="sam",
+               prompt=PromptConfig(box_prob=1.0, refine_iters=0, max_shift=0))  # fmt: skip
+    train(cfg, progress=lambda step, m: losses.append(m["loss"]))
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    from medfm.seg.predict import Segmenter
+
+    seg = Segmenter.from_pretrained(tmp_path / "fit")
+    config = json.loads((tmp_path / "fit" / "model" / "config.json").read_text())
+    assert config["model"] == "medfm-tiny" and seg.name == "medfm-tiny"
+
+
+def test_lowres_label_follows_sams_resize_and_pad():
+    lab = torch.zeros(50, 100, dtype=torch.long)
+    lab[10:20, 30:60] = 2
+    low = lowres_label(lab, 256)  # longest side 100 -> 256: rows 0..127 hold the image
+    assert low.shape == (256, 256) and low.dtype == torch.uint8
+    assert set(low.unique().tolist()) == {0, 2}
+    assert not low[130:].any()
+    rows = torch.nonzero(low.any(1)).flatten()
+    assert 24 <= int(rows.min()) <= 27 and 49 <= int(rows.max()) <= 52
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    f = [lr_factor(s, 10, 100) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False)) and f[-1] < 0.01
+
+
+def test_3d_data_is_refused(tmp_path):
+    out = tmp_path / "d3"
+    generate_dataset(out, modalities="ct", dim=3, n=1, size=32)
+    with pytest.raises(MedfmError, match="2D"):
+        train(_cfg(out, tmp_path / "r3"))
