@@ -40,6 +40,15 @@ class SynthArgs(BaseModel):
     config: SynthConfig = SynthConfig()
 
 
+class MonaiShapesArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    out: str
+    n: int = Field(1000, ge=1)
+    size: int = Field(256, ge=32)
+    seed: int = 0
+
+
 class EvaluateArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -58,6 +67,13 @@ class SynthStep(BaseModel):
     synth: SynthArgs
 
 
+class MonaiShapesStep(BaseModel):
+    """MONAI's create_test_image_2d discs as a dataset (the physics ablation)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    monai_shapes: MonaiShapesArgs
+
+
 class TrainStep(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     train: TrainConfig
@@ -73,7 +89,7 @@ class Recipe(BaseModel):
 
     name: str
     description: str = ""
-    steps: list[SynthStep | TrainStep | EvaluateStep]
+    steps: list[SynthStep | MonaiShapesStep | TrainStep | EvaluateStep]
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -107,6 +123,13 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=N
                 config=a.config,
             )  # fmt: skip
             log(f"    {rep.written} cases written, {rep.skipped} already there")
+        elif isinstance(step, MonaiShapesStep):
+            from medfm.synth.monai_shapes import generate_monai_shapes
+
+            a = step.monai_shapes
+            log(f"[{i}/{len(recipe.steps)}] monai_shapes -> {a.out}")
+            written = generate_monai_shapes(a.out, n=a.n, size=a.size, seed=a.seed)
+            log(f"    {written} cases written")
         elif isinstance(step, TrainStep):
             from medfm.seg.train import train
 
