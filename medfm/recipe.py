@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from medfm.errors import MedfmError
 from medfm.seg.train import TrainConfig
@@ -84,12 +84,29 @@ class EvaluateStep(BaseModel):
     evaluate: EvaluateArgs
 
 
+def _step_kind(value) -> str | None:
+    """A step is a mapping with one key naming its kind: pick the model by that key."""
+    if isinstance(value, dict):
+        return next(iter(value), None)
+    return next((k for k in STEP_KINDS if hasattr(value, k)), None)
+
+
+STEP_KINDS = ("synth", "monai_shapes", "train", "evaluate")
+Step = Annotated[
+    Annotated[SynthStep, Tag("synth")]
+    | Annotated[MonaiShapesStep, Tag("monai_shapes")]
+    | Annotated[TrainStep, Tag("train")]
+    | Annotated[EvaluateStep, Tag("evaluate")],
+    Discriminator(_step_kind),
+]
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     description: str = ""
-    steps: list[SynthStep | MonaiShapesStep | TrainStep | EvaluateStep]
+    steps: list[Step]
 
 
 def load_recipe(path: str | Path) -> Recipe:
