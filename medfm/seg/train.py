@@ -334,7 +334,7 @@ class Trainer:
         loss.backward()
         self.opt.step()
         self.sched.step()
-        return {"loss": float(loss), **last, "lr": self.sched.get_last_lr()[0]}
+        return {"loss": float(loss.detach()), **last, "lr": self.sched.get_last_lr()[0]}
 
     def _amp(self) -> bool:
         return self.cfg.amp and self.device.type == "cuda"
