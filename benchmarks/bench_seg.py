@@ -42,16 +42,14 @@ import torch
 from segment_anything.modeling import Sam
 
 from medfm.seg.cache import EmbeddingCache
-from medfm.seg.losses import sam_loss
 from medfm.seg.models import BUNDLED_DIR, build_model
 from medfm.seg.predict import Segmenter
 from medfm.seg.prompts import (
     PromptConfig,
     random_label_masks,
-    refinement_clicks,
     sample_prompts,
 )
-from medfm.seg.train import LOWRES, TrainConfig, decode, step_generator, trainable_prefixes
+from medfm.seg.train import LOWRES, TrainConfig, prompted_loss, step_generator, trainable_prefixes
 
 REPEATS = 3  # each rate is the best of REPEATS timed runs (this VM's timings vary by ~20%)
 
@@ -146,27 +144,12 @@ def train_bench(
             labels, generator=g, max_per_image=cfg.prompts_per_image
         )
         prompts = sample_prompts(masks, cfg.prompt, input_size=LOWRES, generator=g)
-        target = masks[:, None].float()
         emb = embed()
-        total, mask_input = torch.zeros((), device=device), None
-        n_iter = 1 + cfg.prompt.refine_iters
-        for it in range(n_iter):
-            multimask = cfg.prompt.multimask and it == 0
-            with torch.autocast("cuda", torch.bfloat16, enabled=amp):
-                logits, iou = decode(model, emb, image_index, prompts, mask_input, multimask, scale)
-            out = sam_loss(logits, target, iou)
-            total = total + out.total
-            if it + 1 < n_iter:
-                best = logits.gather(
-                    1, out.best[:, None, None, None].expand(-1, 1, LOWRES, LOWRES)
-                ).detach()
-                pts, lab = refinement_clicks(
-                    best[:, 0] > 0, masks, generator=g, mode=cfg.prompt.refine_mode
-                )
-                prompts = prompts.add_points(pts, lab)
-                mask_input = best
+        total, _ = prompted_loss(
+            model, emb, image_index, masks, prompts, cfg.prompt, "sam", g, scale, amp=amp
+        )
         opt.zero_grad(set_to_none=True)
-        (total / n_iter).backward()
+        total.backward()
         opt.step()
         return emb
 

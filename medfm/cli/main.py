@@ -95,8 +95,7 @@ def synth_generate(
     preview: Annotated[bool, typer.Option("--preview", help="Write preview.png.")] = False,
 ) -> None:
     """Generate (or resume) a synthetic dataset with exact masks."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
+    from medfm.cli.progress import progress_bar
     from medfm.synth.dataset import (
         generate_dataset,
         parse_device,
@@ -111,14 +110,7 @@ def synth_generate(
     parse_size(size, dim)
     k, n_shards = parse_shard(shard)
     total = len(range(k, n, n_shards)) if n >= 1 else 0
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-        disable=not sys.stderr.isatty(),
-    ) as bar:
+    with progress_bar() as bar:
         task = bar.add_task("generating", total=total)
         report = generate_dataset(
             out,

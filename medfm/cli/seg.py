@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -62,8 +61,7 @@ def seg_evaluate(
     ] = None,
 ) -> None:
     """Dice and surface Dice of a model with one prompt per label and image (DESIGN.md)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
+    from medfm.cli.progress import progress_bar
     from medfm.seg.evaluate import (
         check_prompt,
         evaluate,
@@ -78,14 +76,7 @@ def seg_evaluate(
     if out.is_dir():
         raise MedfmError(f"--out {out} is a folder; give a file name such as report.json")
     predictor = load_predictor(model, checkpoint, device=device)
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-        disable=not sys.stderr.isatty(),
-    ) as bar:
+    with progress_bar() as bar:
         task = bar.add_task(f"evaluating {model}", total=None)
         report = evaluate(
             predictor,
@@ -99,26 +90,6 @@ def seg_evaluate(
     typer.echo(
         f"{report['model']}, {prompt} prompts, {report['n_cases']} cases: "
         f"mean Dice {report['mean_dice']:.4f}, NSD {report['mean_nsd']:.4f} -> {out}"
-    )
-
-
-def _progress_bar(description: str):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        f"[progress.description]{description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        transient=True,
-        disable=not sys.stderr.isatty(),
     )
 
 
@@ -169,8 +140,10 @@ def seg_train(
     except ValidationError as e:
         err = e.errors()[0]
         raise MedfmError(f"--{'-'.join(map(str, err['loc']))}: {err['msg']}") from None
-    with _progress_bar("training") as bar:
-        task = bar.add_task("train", total=steps, info="")
+    from medfm.cli.progress import progress_bar
+
+    with progress_bar(info=True) as bar:
+        task = bar.add_task("training", total=steps, info="")
 
         def progress(step: int, metrics: dict) -> None:
             bar.update(task, completed=step, info=f"loss {metrics.get('loss', 0):.4f}")

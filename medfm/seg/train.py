@@ -213,6 +213,51 @@ def decode(
     return logits, ious
 
 
+def prompted_loss(
+    model,
+    embeddings: torch.Tensor,
+    image_index: torch.Tensor,
+    masks: torch.Tensor,
+    prompts: Prompts,
+    prompt_cfg: PromptConfig,
+    loss: str,
+    generator: torch.Generator,
+    scale: float,
+    *,
+    amp: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one training step (to backpropagate) and its last terms.
+
+    masks (N, LOWRES, LOWRES) bool targets for the N prompts. The first decoder pass uses the
+    prompts (SAM's three outputs when ``prompt_cfg.multimask``); each of the
+    ``prompt_cfg.refine_iters`` further passes adds a click from the error region of the
+    previous best mask and feeds its logits back. The loss is the mean over passes.
+    """
+    target = masks[:, None].float()
+    total = torch.zeros((), device=embeddings.device)
+    mask_input = None
+    n_iter = 1 + prompt_cfg.refine_iters
+    last: dict[str, float] = {}
+    for it in range(n_iter):
+        multimask = prompt_cfg.multimask and it == 0
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            logits, iou = decode(
+                model, embeddings, image_index, prompts, mask_input, multimask, scale
+            )
+        out = sam_loss(logits, target, iou) if loss == "sam" else dice_loss_only(logits, target)
+        total = total + out.total
+        last = {k: float(getattr(out, k).detach()) for k in ("dice", "focal", "iou")}
+        if it + 1 < n_iter:
+            best = logits.gather(1, out.best[:, None, None, None].expand(-1, 1, LOWRES, LOWRES))
+            best = best.detach()
+            pts, lab = refinement_clicks(
+                best[:, 0] > 0, masks, generator=generator, mode=prompt_cfg.refine_mode
+            )
+            prompts = prompts.add_points(pts, lab)
+            mask_input = best
+    return total / n_iter, last
+
+
 class Trainer:
     """One training run (see the module docstring). ``run()`` trains until cfg.steps."""
 
@@ -299,37 +344,14 @@ class Trainer:
         if masks.shape[0] == 0:
             return {"loss": 0.0}
         prompts = sample_prompts(masks, cfg.prompt, input_size=LOWRES, generator=g)
-        target = masks[:, None].float()
         self.model.train()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._amp())
         with autocast:
             emb = self.embeddings(idx)
-        total = torch.zeros((), device=self.device)
-        mask_input = None
-        n_iter = 1 + cfg.prompt.refine_iters
-        last = {}
-        for it in range(n_iter):
-            multimask = cfg.prompt.multimask and it == 0
-            with autocast:
-                logits, iou = decode(
-                    self.model, emb, image_index, prompts, mask_input, multimask, self.scale
-                )
-            if cfg.loss == "sam":
-                out = sam_loss(logits, target, iou)
-            else:
-                out = dice_loss_only(logits, target)
-            total = total + out.total
-            last = {k: float(getattr(out, k).detach()) for k in ("dice", "focal", "iou")}
-            if it + 1 < n_iter:
-                best = logits.gather(
-                    1, out.best[:, None, None, None].expand(-1, 1, LOWRES, LOWRES)
-                ).detach()
-                pts, lab = refinement_clicks(
-                    best[:, 0] > 0, masks, generator=g, mode=cfg.prompt.refine_mode
-                )
-                prompts = prompts.add_points(pts, lab)
-                mask_input = best
-        loss = total / n_iter
+        loss, last = prompted_loss(
+            self.model, emb, image_index, masks, prompts, cfg.prompt, cfg.loss, g, self.scale,
+            amp=self._amp(),
+        )  # fmt: skip
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
