@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -149,7 +150,8 @@ def seg_train(
             bar.update(task, completed=step, info=f"loss {metrics.get('loss', 0):.4f}")
 
         final = train(cfg, resume=resume, log=lambda m: typer.echo(m, err=True), progress=progress)
-    typer.echo(f"model saved in {final}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks
+        typer.echo(f"model saved in {final}")
 
 
 @seg_app.command("embed")

@@ -8,7 +8,9 @@ encoder) on nnU-Net 2D datasets: the SynthFM recipe.
   a run resumed from a checkpoint ends, on the CPU, with the weights of an uninterrupted run.
 - Loss: SAM's 20 x focal + Dice + IoU MSE, or Dice alone (SynthFM); the best of SAM's three
   outputs for ambiguous prompts; iterative refinement clicks with the previous logits fed back.
-- AdamW with linear warm-up and cosine decay; mixed precision (bf16) on CUDA.
+- AdamW with linear warm-up and cosine decay; mixed precision (bf16) on CUDA; data-parallel
+  under ``torchrun --nproc_per_node N -m medfm.cli.main seg train ...`` (the batch is split
+  over the processes, gradients averaged, rank 0 writes).
 - Checkpoints ``OUT/checkpoints/step_NNNNNNN/`` (config.json, model.safetensors of the
   trained parameters, optimizer.safetensors, state.json written last) and the final model in
   ``OUT/model/``.
@@ -267,7 +269,11 @@ class Trainer:
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise MedfmError("--device cuda was asked for but torch sees no CUDA device")
-        self.log = log or (lambda msg: None)
+        self.rank, self.world = init_distributed(self.device)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        self.log = (log if self.rank == 0 else None) or (lambda msg: None)
         self.model = init_model(cfg).to(self.device)
         self.image_size = int(self.model.image_encoder.img_size)
         self.scale = self.image_size / LOWRES
@@ -319,9 +325,11 @@ class Trainer:
         todo = [im for im in self.data.images if self.cache.get_array(im) is None]
         if todo:
             self.log(f"embedding {len(todo)} images (cached for later epochs and runs)")
+        todo = todo[self.rank :: self.world]  # under DDP each process embeds its share
         with torch.inference_mode():
             for s in range(0, len(todo), 16):
                 self.cache.get_or_compute(todo[s : s + 16], self._encode, batch_size=8)
+        _barrier(self.world)
 
     def embeddings(self, idx: list[int]) -> torch.Tensor:
         if self.cache is not None:
@@ -337,6 +345,9 @@ class Trainer:
         cfg = self.cfg
         g = step_generator(cfg.seed, step)
         idx = torch.randint(len(self.data.images), (cfg.batch,), generator=g).tolist()
+        if self.world > 1:  # each process takes its share of the batch and its own prompts
+            idx = idx[self.rank :: self.world]
+            g = step_generator(cfg.seed * 1009 + self.rank + 1, step)
         labels = self.data.lowres_labels[idx].to(self.device)
         image_index, masks = random_label_masks(
             labels, generator=g, max_per_image=cfg.prompts_per_image
@@ -354,6 +365,8 @@ class Trainer:
         )  # fmt: skip
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:
+            _average_gradients(self.opt, self.world)
         self.opt.step()
         self.sched.step()
         return {"loss": float(loss.detach()), **last, "lr": self.sched.get_last_lr()[0]}
@@ -434,9 +447,13 @@ class Trainer:
             metrics["s_per_step"] = time.perf_counter() - t0
             if progress:
                 progress(self.step, metrics)
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+            if self.rank == 0 and (
+                self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
+            ):
                 self.save_checkpoint()
-        return self.save_final()
+        final = self.save_final() if self.rank == 0 else self.out / "model"
+        _barrier(self.world)
+        return final
 
     def save_final(self) -> Path:
         from medfm.seg.models import save_pretrained
@@ -444,6 +461,40 @@ class Trainer:
         final = self.out / "model"
         save_pretrained(self.model, final, name=self.cfg.model, extra=self.model_config())
         return final
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): under ``torchrun`` (WORLD_SIZE > 1) join the process group (NCCL on
+    CUDA, gloo on the CPU); otherwise (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _average_gradients(opt: torch.optim.Optimizer, world: int) -> None:
+    """Data-parallel training: every process ends the step with the mean gradient. (The
+    decoder is called module by module, not through forward(), so DDP's hooks would not fire;
+    the trained parameters are few, so one all-reduce per tensor is cheap.)"""
+    import torch.distributed as dist
+
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -108,3 +108,24 @@ def test_3d_data_is_refused(tmp_path):
     generate_dataset(out, modalities="ct", dim=3, n=1, size=32)
     with pytest.raises(MedfmError, match="2D"):
         train(_cfg(out, tmp_path / "r3"))
+
+
+@pytest.mark.slow
+def test_torchrun_data_parallel_on_cpu(synth, tmp_path):
+    """Two processes (gloo): the run completes, rank 0 writes checkpoints and the model."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "-m", "medfm.cli.main", "seg", "train", "--data", str(synth), "--out",
+           str(tmp_path / "ddp"), "--steps", "2", "--batch", "2", "--prompts-per-image", "1",
+           "--refine-iters", "0", "--checkpoint-every", "1"]  # fmt: skip
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("model saved") == 1
+    assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == [
+        "step_0000001", "step_0000002"]  # fmt: skip
