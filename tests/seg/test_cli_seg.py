@@ -128,3 +128,17 @@ steps:
     bad.write_text("name: x\nsteps:\n  - synth: {out: a, n: 0}\n")
     r = run("run", bad)
     assert r.exit_code == 2 and "steps.0" in r.output
+
+
+def test_train_on_empty_masks_is_a_clear_error(tmp_path):
+    from medfm.io import DatasetJson, write_case, write_dataset_json
+
+    data = tmp_path / "empty"
+    write_dataset_json(data, DatasetJson(channel_names={"0": "x"}, labels={"background": 0,
+                       "a": 1}, numTraining=2, file_ending=".png"))  # fmt: skip
+    for i in range(2):
+        img = Volume.from_array(torch.full((32, 32), 100, dtype=torch.uint8))
+        write_case(data, f"c{i}", img, Volume.from_array(torch.zeros(32, 32, dtype=torch.uint8)),
+                   ".png")  # fmt: skip
+    r = run("seg", "train", "--data", data, "--out", tmp_path / "run", "--steps", "1")
+    assert r.exit_code == 2 and "no labelled cases" in r.output
