@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import tempfile
 import time
@@ -39,6 +38,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from _common import REPEATS, best_time, environment, sync
 from segment_anything.modeling import Sam
 
 from medfm.seg.cache import EmbeddingCache
@@ -50,25 +50,6 @@ from medfm.seg.prompts import (
     sample_prompts,
 )
 from medfm.seg.train import LOWRES, TrainConfig, prompted_loss, step_generator, trainable_prefixes
-
-REPEATS = 3  # each rate is the best of REPEATS timed runs (this VM's timings vary by ~20%)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def best_time(run: Callable[[int], None], device: torch.device) -> float:
-    """Fastest of REPEATS timings (s) of run(repeat)."""
-    times = []
-    for r in range(REPEATS):
-        _sync(device)
-        t0 = time.perf_counter()
-        run(r)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def _random_image(size: int, seed: int) -> np.ndarray:
@@ -165,10 +146,10 @@ def train_bench(
         # (b) recomputing: single steps, the fastest kept; the first one fills the cache
         enc_times = []
         for i in range(enc_steps):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             emb = step(i, encode)
-            _sync(device)
+            sync(device)
             enc_times.append(time.perf_counter() - t0)
             if i == 0:
                 for im, e in zip(images, emb.float(), strict=True):
@@ -206,10 +187,10 @@ def prompts_bench(model: Sam, name: str, n_prompts: int, calls: int, device: tor
     seg = Segmenter(model, name, device)
     size = int(model.image_encoder.img_size)
     image = _random_image(size, seed=123)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     seg.set_image(image)
-    _sync(device)
+    sync(device)
     set_image_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(7)
     xy = torch.rand((n_prompts, 2), generator=g) * (size * 0.6)
@@ -237,10 +218,10 @@ def latency_bench(model: Sam, runs: int, device: torch.device) -> dict:
     times = []
     with torch.inference_mode():
         for i in range(3 + runs):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             model.image_encoder(x)
-            _sync(device)
+            sync(device)
             if i >= 3:  # 3 warm-up runs
                 times.append(time.perf_counter() - t0)
     return {
@@ -282,11 +263,7 @@ def main() -> None:
     device = torch.device(a.device)
     t_start = time.perf_counter()
     out: dict = {
-        "benchmark": "seg",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
+        **environment("seg", device),
         "weights": {
             "vit_b": "random",
             "medfm-tiny": "bundled" if (BUNDLED_DIR / "model.safetensors").is_file() else "random",

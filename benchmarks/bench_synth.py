@@ -17,48 +17,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 import warnings
 
 import torch
+from _common import best_time, environment, sync
 
 from medfm.synth.case import SynthConfig, render_cases, sample_case, to_output
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-REPEATS = 3  # each rate is the best of REPEATS timed runs (this VM's timings vary by ~20%)
-
-
-def best_rate(run, n: int) -> float:
+def best_rate(run, n: int, device: torch.device) -> float:
     """n / (fastest of REPEATS timings of run(seed))."""
-    times = []
-    for seed in range(REPEATS):
-        t0 = time.perf_counter()
-        run(seed)
-        times.append(time.perf_counter() - t0)
-    return n / min(times)
+    return n / best_time(run, device)
 
 
 def medfm_rate(modality: str, shape: tuple[int, ...], n: int, batch: int, device) -> float:
     cfg = SynthConfig()
     warm = [sample_case(cfg, modality, shape, 999, i) for i in range(min(batch, 2))]
     to_output(warm, render_cases(warm, device).image)
-    _sync(device)
+    sync(device)
 
     def run(seed: int) -> None:
         for start in range(0, n, batch):
             stop = min(n, start + batch)
             cases = [sample_case(cfg, modality, shape, seed, i) for i in range(start, stop)]
             to_output(cases, render_cases(cases, device).image)
-        _sync(device)
 
-    return best_rate(run, n)
+    return best_rate(run, n, device)
 
 
 def write_rate(dim: int, size: str, n: int, batch: int, device: str) -> float:
@@ -96,7 +82,7 @@ def torchio_rate(shape: tuple[int, ...], n: int) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         chain(subject)
-        return best_rate(lambda seed: [chain(subject) for _ in range(n)], n)
+        return best_rate(lambda seed: [chain(subject) for _ in range(n)], n, torch.device("cpu"))
 
 
 def main() -> None:
@@ -121,13 +107,7 @@ def main() -> None:
         a.n2d, a.n3d, a.torchio_n2d, a.torchio_n3d = 16, 2, 3, 1
         a.size3d = min(a.size3d, 64)
     device = torch.device(a.device)
-    out: dict = {
-        "benchmark": "synth",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
+    out: dict = environment("synth", device)
     targets = {"2d": 10.0, "3d": 5.0}
     ok = True
     for dim, size, n, batch, tio_n in (
