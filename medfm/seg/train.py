@@ -230,28 +230,40 @@ def prompted_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one training step (to backpropagate) and its last terms.
 
-    masks (N, LOWRES, LOWRES) bool targets for the N prompts. The first decoder pass uses the
-    prompts (SAM's three outputs when ``prompt_cfg.multimask``); each of the
-    ``prompt_cfg.refine_iters`` further passes adds a click from the error region of the
-    previous best mask and feeds its logits back. The loss is the mean over passes.
+    masks (N, LOWRES, LOWRES) bool targets for the N prompts. In the first decoder pass,
+    ambiguous prompts (one point, no box) get SAM's three outputs with the best-matching one
+    trained (when ``prompt_cfg.multimask``), all others SAM's single output, which is what
+    prediction uses for them. Each of the ``prompt_cfg.refine_iters`` further passes adds a
+    click from the error region of the previous mask and feeds its logits back (single
+    output). The loss is the mean over prompts and passes.
     """
+    n = masks.shape[0]
     target = masks[:, None].float()
     total = torch.zeros((), device=embeddings.device)
     mask_input = None
     n_iter = 1 + prompt_cfg.refine_iters
     last: dict[str, float] = {}
+    loss_fn = sam_loss if loss == "sam" else (lambda lg, t, iou: dice_loss_only(lg, t))
     for it in range(n_iter):
-        multimask = prompt_cfg.multimask and it == 0
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            logits, iou = decode(
-                model, embeddings, image_index, prompts, mask_input, multimask, scale
-            )
-        out = sam_loss(logits, target, iou) if loss == "sam" else dice_loss_only(logits, target)
-        total = total + out.total
-        last = {k: float(getattr(out, k).detach()) for k in ("dice", "focal", "iou")}
+        multi = prompts.ambiguous if (it == 0 and prompt_cfg.multimask) else torch.zeros_like(
+            prompts.has_box
+        )  # fmt: skip
+        best = target.new_zeros((n, 1, LOWRES, LOWRES))
+        for group, multimask in ((multi, True), (~multi, False)):
+            sel = torch.nonzero(group).flatten()
+            if sel.numel() == 0:
+                continue
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                logits, iou = decode(
+                    model, embeddings, image_index[sel], prompts.subset(sel),
+                    None if mask_input is None else mask_input[sel], multimask, scale,
+                )  # fmt: skip
+            out = loss_fn(logits, target[sel], iou)
+            total = total + out.total * (sel.numel() / n)
+            last = {k: float(getattr(out, k).detach()) for k in ("dice", "focal", "iou")}
+            pick = out.best[:, None, None, None].expand(-1, 1, LOWRES, LOWRES)
+            best = best.index_copy(0, sel, logits.gather(1, pick).detach())
         if it + 1 < n_iter:
-            best = logits.gather(1, out.best[:, None, None, None].expand(-1, 1, LOWRES, LOWRES))
-            best = best.detach()
             pts, lab = refinement_clicks(
                 best[:, 0] > 0, masks, generator=generator, mode=prompt_cfg.refine_mode
             )
