@@ -426,15 +426,17 @@ def _tube_rho(s: Structure, x: torch.Tensor) -> torch.Tensor:
     return (diff * diff).sum(1).amin(0).sqrt() / s.tube_radius
 
 
-def _extent(s: Structure, ndim: int, max_disp: float) -> tuple[list[float], list[float]]:
+def _extent(
+    s: Structure, ndim: int, max_disp: float, table: torch.Tensor | None
+) -> tuple[list[float], list[float]]:
     """Conservative normalised bounding box (lo, hi) of a structure; ``max_disp`` bounds the
-    deformation."""
+    deformation; ``table`` is the blob's `radial_table` (None for tubes)."""
     margin = max_disp + 0.02
     if s.kind == "tube":
         p = torch.tensor(s.points)
         r = s.tube_radius + margin
         return (p.amin(0) - r).tolist(), (p.amax(0) + r).tolist()
-    reach = max(s.radii) * float(radial_table(s.harmonics, ndim).max()) * 1.02 + margin
+    reach = max(s.radii) * float(table.max()) * 1.02 + margin
     return [c - reach for c in s.center], [c + reach for c in s.center]
 
 
@@ -504,12 +506,13 @@ def render_anatomy(
         containers = {s.container for s in p.structures if s.container >= 0}
         full_rho: dict[int, torch.Tensor] = {}
         for k, s in enumerate(p.structures):
-            lo, hi = _extent(s, nd, max_disp)
+            table = radial_table(s.harmonics, nd) if s.kind == "blob" else None
+            lo, hi = _extent(s, nd, max_disp, table)
             crop = _crop(lo, hi, shape, f)
             if any(c.stop <= c.start for c in crop):
                 continue
             if k in containers and s.kind == "blob":
-                full_rho[k] = _blob_rho(s, x, radial_table(s.harmonics, nd))
+                full_rho[k] = _blob_rho(s, x, table)
             # Each structure is evaluated on the coarsest grid (factor f, f/2, ..., 1 of the
             # full resolution) on which its thinnest part spans >= 1.5 voxels, in its box only.
             fs = _level(s, f, step)
@@ -521,7 +524,7 @@ def render_anatomy(
                 if s.kind == "tube":
                     rho = _tube_rho(s, xl)
                 else:
-                    rho = _blob_rho(s, xl, radial_table(s.harmonics, nd))
+                    rho = _blob_rho(s, xl, table)
             if s.container >= 0 and s.container in full_rho:
                 cont = _upsample(full_rho[s.container][crop].unsqueeze(0), sub)[0]
                 rho = torch.maximum(rho, cont / (1 - s.margin))

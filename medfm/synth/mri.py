@@ -4,7 +4,6 @@ Rician noise (the magnitude of complex Gaussian noise: Rayleigh where there is n
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -210,8 +209,3 @@ def render(
     img = ifftn_c(k)
     sigma = torch.tensor([p.noise for p in params], device=device)
     return rician_magnitude(img, noise["real"], noise["imag"], sigma)
-
-
-def rayleigh_ratio() -> float:
-    """mean / std of a Rayleigh variable: sqrt(pi / (4 - pi)) ~ 1.913."""
-    return math.sqrt(math.pi / (4 - math.pi))
