@@ -110,7 +110,9 @@ def seg_train(
     prompts_per_image: Annotated[int, typer.Option(help="Labels prompted per image.")] = 4,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
     warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
-    loss: Annotated[str, typer.Option(help="sam (20 focal + Dice + IoU) or dice.")] = "sam",
+    loss: Annotated[
+        str, typer.Option(help="sam (20 focal + Dice + IoU), dice, or dice_iou (Dice + IoU).")
+    ] = "sam",
     train_encoder: Annotated[
         bool, typer.Option("--train-encoder", help="Train the image encoder too (medfm-tiny).")
     ] = False,
@@ -118,6 +120,9 @@ def seg_train(
         bool, typer.Option("--keep-decoder", help="Start from the checkpoint's decoder.")
     ] = False,
     refine_iters: Annotated[int, typer.Option(help="Refinement clicks per prompt.")] = 2,
+    compile_model: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the encoder and decoder.")
+    ] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
     cache: Annotated[Path | None, typer.Option(help="Embedding cache folder.")] = None,
     seed: Annotated[int, typer.Option(help="Run seed.")] = 0,
@@ -136,7 +141,7 @@ def seg_train(
             steps=steps, batch=batch, prompts_per_image=prompts_per_image, lr=lr, warmup=warmup,
             loss=loss, train_encoder=train_encoder, keep_decoder=keep_decoder,
             checkpoint_every=checkpoint_every, cache=str(cache) if cache else None, seed=seed,
-            device=device, prompt=PromptConfig(refine_iters=refine_iters),
+            device=device, compile=compile_model, prompt=PromptConfig(refine_iters=refine_iters),
         )  # fmt: skip
     except ValidationError as e:
         err = e.errors()[0]

@@ -6,7 +6,8 @@ encoder) on nnU-Net 2D datasets: the SynthFM recipe.
 - Prompt encoder and mask decoder are re-initialised (``keep_decoder`` keeps the checkpoint's).
 - Every step draws its images, targets and prompts from a generator seeded by (seed, step), so
   a run resumed from a checkpoint ends, on the CPU, with the weights of an uninterrupted run.
-- Loss: SAM's 20 x focal + Dice + IoU MSE, or Dice alone (SynthFM); the best of SAM's three
+- Loss: SAM's 20 x focal + Dice + IoU MSE, Dice alone (SynthFM), or Dice + IoU MSE
+  (``dice_iou``: SynthFM's mask loss with SAM's IoU head trained); the best of SAM's three
   outputs for ambiguous prompts; iterative refinement clicks with the previous logits fed back.
 - AdamW with linear warm-up and cosine decay; mixed precision (bf16) on CUDA; data-parallel
   under ``torchrun --nproc_per_node N -m medfm.cli.main seg train ...`` (the batch is split
@@ -49,6 +50,13 @@ from medfm.seg.types import to_rgb_uint8
 LOWRES = 256  # SAM's mask decoder predicts 256 x 256 logits (4 x the 64 x 64 embedding)
 
 
+LOSSES: dict[str, Callable] = {
+    "sam": sam_loss,
+    "dice": lambda logits, target, iou: dice_loss_only(logits, target),
+    "dice_iou": lambda logits, target, iou: sam_loss(logits, target, iou, focal_weight=0.0),
+}
+
+
 class TrainConfig(BaseModel):
     """Everything a training run needs; saved as OUT/train_config.json and checked on resume."""
 
@@ -64,7 +72,7 @@ class TrainConfig(BaseModel):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup: int = Field(100, ge=0)
-    loss: Literal["sam", "dice"] = "sam"
+    loss: Literal["sam", "dice", "dice_iou"] = "sam"
     train_encoder: bool = False
     keep_decoder: bool = False
     checkpoint_every: int = Field(500, ge=1)
@@ -72,6 +80,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: str = "cpu"
     amp: bool = True
+    compile: bool = False
     cache: str | None = None
     prompt: PromptConfig = PromptConfig()
 
@@ -243,7 +252,7 @@ def prompted_loss(
     mask_input = None
     n_iter = 1 + prompt_cfg.refine_iters
     last: dict[str, float] = {}
-    loss_fn = sam_loss if loss == "sam" else (lambda lg, t, iou: dice_loss_only(lg, t))
+    loss_fn = LOSSES[loss]
     for it in range(n_iter):
         multi = prompts.ambiguous if (it == 0 and prompt_cfg.multimask) else torch.zeros_like(
             prompts.has_box
@@ -287,6 +296,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.log = (log if self.rank == 0 else None) or (lambda msg: None)
         self.model = init_model(cfg).to(self.device)
+        if cfg.compile:  # TorchInductor: fuses the decoder's upscaling; ~1.4x on 2 CPU cores
+            for module in (self.model.mask_decoder, self.model.image_encoder):
+                module.forward = torch.compile(module.forward, dynamic=True)
         self.image_size = int(self.model.image_encoder.img_size)
         self.scale = self.image_size / LOWRES
         self.data = load_training_data(cfg.data, self.image_size)
@@ -452,20 +464,39 @@ class Trainer:
 
     def run(self, *, progress: Callable[[int, dict], None] | None = None) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
+        log = self._open_metrics_log() if self.rank == 0 else None
         while self.step < self.cfg.steps:
             t0 = time.perf_counter()
             metrics = self.train_step(self.step)
             self.step += 1
             metrics["s_per_step"] = time.perf_counter() - t0
+            if log is not None:
+                log.write(json.dumps({"step": self.step, **metrics}) + "\n")
+                log.flush()
             if progress:
                 progress(self.step, metrics)
             if self.rank == 0 and (
                 self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
             ):
                 self.save_checkpoint()
+        if log is not None:
+            log.close()
         final = self.save_final() if self.rank == 0 else self.out / "model"
         _barrier(self.world)
         return final
+
+    def _open_metrics_log(self):
+        """OUT/metrics.jsonl, one line per step; after a resume, the lines of the steps that are
+        trained again are dropped first, so each step appears once."""
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            keep = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step
+            ]
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+        return path.open("a")
 
     def save_final(self) -> Path:
         from medfm.seg.models import save_pretrained

@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from medfm.errors import MedfmError
+from medfm.seg.losses import dice_loss_only, sam_loss
 from medfm.seg.prompts import PromptConfig
-from medfm.seg.train import TrainConfig, lowres_label, lr_factor, prepare_run, train
+from medfm.seg.train import LOSSES, TrainConfig, lowres_label, lr_factor, prepare_run, train
 from medfm.synth.anatomy import AnatomyConfig
 from medfm.synth.case import SynthConfig
 from medfm.synth.dataset import generate_dataset
@@ -56,6 +57,13 @@ def test_resume_after_a_kill_ends_with_the_same_weights(synth, tmp_path):
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # metrics.jsonl: one line per step, the re-trained step 3 once, the same losses
+    logs = [
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("full", "killed")
+    ]
+    assert [m["step"] for m in logs[1]] == [1, 2, 3, 4]
+    assert [m["loss"] for m in logs[0]] == [m["loss"] for m in logs[1]]
     # only the prompt encoder and mask decoder are trained (frozen encoder, cached embeddings)
     state = load_file(str(tmp_path / "full" / "checkpoints" / "step_0000004" / "model.safetensors"))
     assert state and all(k.startswith(("prompt_encoder.", "mask_decoder.")) for k in state)
@@ -129,3 +137,17 @@ def test_torchrun_data_parallel_on_cpu(synth, tmp_path):
     assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == [
         "step_0000001", "step_0000002"]  # fmt: skip
+
+
+def test_dice_iou_loss_is_dice_plus_the_iou_head_mse():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 3, 16, 16, generator=g)
+    target = torch.rand(3, 1, 16, 16, generator=g) > 0.5
+    iou = torch.rand(3, 3, generator=g)
+    out = LOSSES["dice_iou"](logits, target, iou)
+    dice = dice_loss_only(logits, target)
+    sam = sam_loss(logits, target, iou)
+    assert torch.equal(out.best, dice.best)  # the output trained is the one with lowest Dice
+    assert torch.allclose(out.dice, dice.dice) and torch.allclose(out.iou, sam.iou)
+    assert torch.allclose(out.total, dice.dice + sam.iou)
+    assert float(out.iou) > 0
