@@ -48,6 +48,7 @@ __all__ = [
     "VIT_SPECS",
     "SamSpec",
     "TinyImageEncoder",
+    "build_architecture",
     "build_medfm_tiny",
     "build_model",
     "build_sam_vit",
@@ -270,7 +271,8 @@ SEG_MODELS: dict[str, Callable[[], Sam]] = {
 }
 
 
-def _build_architecture(name: str, spec: SamSpec | None = None) -> Sam:
+def build_architecture(name: str, spec: SamSpec | None = None) -> Sam:
+    """The model ``name`` with its constructors' random weights (nothing loaded)."""
     if name not in SEG_MODELS:
         raise MedfmError(f"unknown model {name!r}; choose one of {', '.join(SEG_MODELS)}")
     if spec is None:
@@ -499,7 +501,7 @@ def load_pretrained(folder: str | os.PathLike) -> tuple[Sam, dict]:
     name = config["model"]
     try:
         spec = _spec_from_config(config)
-        model = _build_architecture(name, spec)
+        model = build_architecture(name, spec)
     except (TypeError, ValueError) as e:
         if isinstance(e, MedfmError):
             raise
@@ -520,7 +522,7 @@ def build_model(
       weights bundled in the package (`BUNDLED_DIR`), or random ones with a warning when the
       package has none.
     """
-    model = _build_architecture(name, spec)
+    model = build_architecture(name, spec)
     if checkpoint is None and name == "medfm-tiny":
         if (BUNDLED_DIR / WEIGHTS_NAME).is_file():
             checkpoint = BUNDLED_DIR

@@ -166,13 +166,18 @@ def _reinit(module: torch.nn.Module) -> None:
 
 def init_model(cfg: TrainConfig):
     """Build the model with deterministic initial weights (a function of cfg.seed)."""
-    from medfm.seg.models import build_model
+    from medfm.seg.models import build_architecture, build_model
 
     # Module constructors draw from torch's global generator: fork it so the initial weights
     # depend on the seed only, and the caller's global state is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, cfg.checkpoint)
+        if cfg.checkpoint is None:
+            # from scratch: random weights, also for medfm-tiny (whose bundled weights are what
+            # this recipe makes; fine-tune them with checkpoint=medfm.seg.models.BUNDLED_DIR)
+            model = build_architecture(cfg.model).eval()
+        else:
+            model = build_model(cfg.model, cfg.checkpoint)
         if not cfg.keep_decoder and cfg.checkpoint is not None:
             _reinit(model.prompt_encoder)
             _reinit(model.mask_decoder)

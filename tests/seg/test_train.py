@@ -151,3 +151,24 @@ def test_dice_iou_loss_is_dice_plus_the_iou_head_mse():
     assert torch.allclose(out.dice, dice.dice) and torch.allclose(out.iou, sam.iou)
     assert torch.allclose(out.total, dice.dice + sam.iou)
     assert float(out.iou) > 0
+
+
+def test_training_from_scratch_ignores_the_bundled_weights(synth, tmp_path, monkeypatch):
+    from medfm.seg import models
+    from medfm.seg.train import init_model
+
+    bundled = models.build_medfm_tiny()
+    with torch.no_grad():
+        for p in bundled.parameters():
+            p.fill_(0.5)
+    models.save_pretrained(bundled, tmp_path / "bundled", name="medfm-tiny")
+    monkeypatch.setattr(models, "BUNDLED_DIR", tmp_path / "bundled")
+    a = init_model(_cfg(synth, tmp_path / "a"))
+    b = init_model(_cfg(synth, tmp_path / "b"))
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name  # a function of the seed
+    enc = a.image_encoder.stem[0][0].weight
+    assert not torch.all(enc == 0.5)  # random, not the bundled weights
+    tuned = init_model(_cfg(synth, tmp_path / "c", checkpoint=str(tmp_path / "bundled"),
+                            keep_decoder=True, train_encoder=True))  # fmt: skip
+    assert torch.all(tuned.image_encoder.stem[0][0].weight == 0.5)
