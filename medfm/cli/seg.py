@@ -111,8 +111,11 @@ def seg_train(
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
     warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
     loss: Annotated[
-        str, typer.Option(help="sam (20 focal + Dice + IoU), dice, or dice_iou (Dice + IoU).")
+        str, typer.Option(help="sam (20 focal + Dice + IoU), dice, dice_iou, or dice_ce.")
     ] = "sam",
+    grad_clip: Annotated[
+        float | None, typer.Option(help="Clip the gradient norm to this value.")
+    ] = None,
     train_encoder: Annotated[
         bool, typer.Option("--train-encoder", help="Train the image encoder too (medfm-tiny).")
     ] = False,
@@ -139,7 +142,7 @@ def seg_train(
         cfg = TrainConfig(
             model=model, checkpoint=checkpoint, data=tuple(str(d) for d in data), out=str(out),
             steps=steps, batch=batch, prompts_per_image=prompts_per_image, lr=lr, warmup=warmup,
-            loss=loss, train_encoder=train_encoder, keep_decoder=keep_decoder,
+            loss=loss, grad_clip=grad_clip, train_encoder=train_encoder, keep_decoder=keep_decoder,
             checkpoint_every=checkpoint_every, cache=str(cache) if cache else None, seed=seed,
             device=device, compile=compile_model, prompt=PromptConfig(refine_iters=refine_iters),
         )  # fmt: skip

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceLoss, FocalLoss
 
 from medfm.errors import MedfmError
@@ -93,6 +94,7 @@ def sam_loss(
     focal_weight: float = 20.0,
     dice_weight: float = 1.0,
     iou_weight: float = 1.0,
+    ce_weight: float = 0.0,
     alpha: float = 0.25,
     gamma: float = 2.0,
 ) -> LossOutput:
@@ -104,7 +106,9 @@ def sam_loss(
     with the MSE between iou_pred and the actual IoU of each output thresholded at logit 0
     against the target, for all K outputs (so the scores rank SAM's three masks at inference);
     the actual IoU is a detached target. total = mean over prompts of the best mask loss +
-    iou_weight * MSE.
+    iou_weight * MSE. ``ce_weight`` adds binary cross-entropy to the mask loss (with
+    ``focal_weight=0``: nnU-Net's Dice + CE, whose gradient does not vanish on confidently
+    wrong pixels, so a run cannot settle on empty masks the way Dice alone can).
     """
     logits, target = _check(logits, target)
     n, k = logits.shape[:2]
@@ -114,13 +118,17 @@ def sam_loss(
         )
     focal = _focal(logits, target, alpha, gamma)
     dice = _dice(logits, target)
-    best = (focal_weight * focal + dice_weight * dice).detach().argmin(dim=1)
+    mask_loss = focal_weight * focal + dice_weight * dice
+    if ce_weight:
+        ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(2, 3))
+        mask_loss = mask_loss + ce_weight * ce
+    best = mask_loss.detach().argmin(dim=1)
     focal_b = focal.gather(1, best[:, None])[:, 0].mean()
     dice_b = dice.gather(1, best[:, None])[:, 0].mean()
     with torch.no_grad():
         actual = mask_iou(logits > 0, target > 0.5)
     iou = torch.mean((iou_pred.float() - actual) ** 2)
-    total = focal_weight * focal_b + dice_weight * dice_b + iou_weight * iou
+    total = mask_loss.gather(1, best[:, None])[:, 0].mean() + iou_weight * iou
     return LossOutput(total=total, focal=focal_b, dice=dice_b, iou=iou, best=best)
 
 

@@ -6,8 +6,9 @@ encoder) on nnU-Net 2D datasets: the SynthFM recipe.
 - Prompt encoder and mask decoder are re-initialised (``keep_decoder`` keeps the checkpoint's).
 - Every step draws its images, targets and prompts from a generator seeded by (seed, step), so
   a run resumed from a checkpoint ends, on the CPU, with the weights of an uninterrupted run.
-- Loss: SAM's 20 x focal + Dice + IoU MSE, Dice alone (SynthFM), or Dice + IoU MSE
-  (``dice_iou``: SynthFM's mask loss with SAM's IoU head trained); the best of SAM's three
+- Loss: SAM's 20 x focal + Dice + IoU MSE, Dice alone (SynthFM), Dice + IoU MSE
+  (``dice_iou``: SynthFM's mask loss with SAM's IoU head trained), or Dice + BCE + IoU MSE
+  (``dice_ce``: nnU-Net's mask loss); optional gradient-norm clipping; the best of SAM's three
   outputs for ambiguous prompts; iterative refinement clicks with the previous logits fed back.
 - AdamW with linear warm-up and cosine decay; mixed precision (bf16) on CUDA; data-parallel
   under ``torchrun --nproc_per_node N -m medfm.cli.main seg train ...`` (the batch is split
@@ -54,6 +55,9 @@ LOSSES: dict[str, Callable] = {
     "sam": sam_loss,
     "dice": lambda logits, target, iou: dice_loss_only(logits, target),
     "dice_iou": lambda logits, target, iou: sam_loss(logits, target, iou, focal_weight=0.0),
+    "dice_ce": lambda logits, target, iou: sam_loss(
+        logits, target, iou, focal_weight=0.0, ce_weight=1.0
+    ),
 }
 
 
@@ -72,7 +76,8 @@ class TrainConfig(BaseModel):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup: int = Field(100, ge=0)
-    loss: Literal["sam", "dice", "dice_iou"] = "sam"
+    loss: Literal["sam", "dice", "dice_iou", "dice_ce"] = "sam"
+    grad_clip: float | None = Field(None, gt=0)
     train_encoder: bool = False
     keep_decoder: bool = False
     checkpoint_every: int = Field(500, ge=1)
@@ -396,6 +401,10 @@ class Trainer:
         loss.backward()
         if self.world > 1:
             _average_gradients(self.opt, self.world)
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.opt.param_groups for p in g["params"]], cfg.grad_clip
+            )
         self.opt.step()
         self.sched.step()
         return {"loss": float(loss.detach()), **last, "lr": self.sched.get_last_lr()[0]}

@@ -129,6 +129,28 @@ def test_dice_only_picks_lowest_dice_and_ignores_iou():
     assert torch.isfinite(logits.grad).all() and (logits.grad[:, [0, 2]] == 0).all()
 
 
+def test_dice_ce_adds_binary_cross_entropy_and_keeps_a_gradient_on_empty_masks():
+    target = blob()
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, *target.shape[-2:], generator=g)
+    iou = torch.rand(2, 3, generator=g)
+    out = sam_loss(logits, target, iou, focal_weight=0.0, ce_weight=1.0)
+    t = target.float().expand_as(logits)
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, t, reduction="none")
+    per = ref_dice(logits, t) + ce.mean(dim=(2, 3))
+    best = per.argmin(dim=1)
+    assert out.best.tolist() == best.tolist()
+    mse = ((iou - mask_iou(logits > 0, target)) ** 2).mean()
+    assert out.total.item() == pytest.approx((per.gather(1, best[:, None]).mean() + mse).item())
+    # a confidently empty prediction: Dice's gradient has vanished, cross-entropy's has not
+    empty = torch.full((2, 1, *target.shape[-2:]), -30.0, requires_grad=True)
+    dice_loss_only(empty, target).total.backward()
+    assert float(empty.grad.abs().max()) < 1e-9
+    empty.grad = None
+    sam_loss(empty, target, torch.zeros(2, 1), focal_weight=0.0, ce_weight=1.0).total.backward()
+    assert float(empty.grad[target.expand_as(empty)].abs().min()) > 1e-6
+
+
 def test_half_precision_logits_give_float32_losses():
     target = blob()
     logits = torch.where(target, 3.0, -3.0).to(torch.bfloat16)

@@ -172,3 +172,24 @@ def test_training_from_scratch_ignores_the_bundled_weights(synth, tmp_path, monk
     tuned = init_model(_cfg(synth, tmp_path / "c", checkpoint=str(tmp_path / "bundled"),
                             keep_decoder=True, train_encoder=True))  # fmt: skip
     assert torch.all(tuned.image_encoder.stem[0][0].weight == 0.5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_grad_clip_bounds_the_gradient_norm_the_optimizer_sees(synth, tmp_path):
+    from medfm.seg.train import Trainer
+
+    norms = {}
+    for clip in (None, 1e-3):
+        trainer = Trainer(_cfg(synth, tmp_path / str(clip), grad_clip=clip, loss="dice_ce"))
+        step = trainer.opt.step
+
+        def record(*a, _t=trainer, _step=step, _clip=clip, **k):
+            grads = [p.grad for g in _t.opt.param_groups for p in g["params"] if p.grad is not None]
+            norms[_clip] = float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g) for g in grads])))  # fmt: skip
+            return _step(*a, **k)
+
+        trainer.opt.step = record
+        trainer.train_step(0)
+    assert norms[None] > 1e-3  # the unclipped gradient is larger than the bound...
+    assert norms[1e-3] == pytest.approx(1e-3, rel=1e-3)  # ...and is scaled down to it
