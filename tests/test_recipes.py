@@ -21,3 +21,12 @@ def test_unknown_keys_are_refused(tmp_path):
     bad.write_text("name: x\nsteps:\n  - train: {data: [a], out: b, stepz: 3}\n")
     with pytest.raises(MedfmError, match="stepz|Extra|extra"):
         load_recipe(bad)
+
+
+def test_the_ablation_trains_exactly_like_medfm_tiny():
+    def train_step(name):
+        recipe = load_recipe(RECIPES[0].parent / name)
+        cfg = next(s.train for s in recipe.steps if isinstance(s, TrainStep))
+        return cfg.model_dump(exclude={"data", "out"})
+
+    assert train_step("medfm_tiny.yaml") == train_step("medfm_tiny_ablation_monai.yaml")
