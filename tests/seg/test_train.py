@@ -193,3 +193,15 @@ def test_grad_clip_bounds_the_gradient_norm_the_optimizer_sees(synth, tmp_path):
         trainer.train_step(0)
     assert norms[None] > 1e-3  # the unclipped gradient is larger than the bound...
     assert norms[1e-3] == pytest.approx(1e-3, rel=1e-3)  # ...and is scaled down to it
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_logged_terms_average_over_single_and_multimask_prompts(synth, tmp_path):
+    from medfm.seg.train import Trainer
+
+    prompt = PromptConfig(refine_iters=0, box_prob=0.5, n_pos=(1, 2), n_neg=(0, 0))
+    cfg = _cfg(synth, tmp_path / "run", loss="dice", batch=2, prompts_per_image=4, prompt=prompt)
+    trainer = Trainer(cfg)
+    for step in range(4):  # with the Dice loss alone, the logged dice is the step's loss
+        m = trainer.train_step(step)
+        assert m["dice"] == pytest.approx(m["loss"], rel=1e-5)
