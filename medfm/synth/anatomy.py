@@ -6,8 +6,12 @@ unit direction) or a tube (distance to a smooth Bezier curve over its radius). A
 are deformed by one smooth displacement of the coordinates, can be confined inside a container
 structure (organs inside the body, an inner structure inside its organ), can be thin shells
 (walls, rims), and are painted in order, so later structures cover earlier ones and neighbours
-abut. The sampled parameters are plain numbers (`AnatomyParams`); `render_anatomy` turns a
-batch of them into slot maps on any device.
+abut. A label can cover several structures: a wall with the cavity it encloses (``p_filled``:
+a bladder, a vessel, a skull with its contents) and an object with internal parts of other
+tissues (``p_parts``: an organ with its vessels, a head with its brain), so that a box or a
+click anywhere on a heterogeneous object asks for the whole of it. The sampled parameters are
+plain numbers (`AnatomyParams`); `render_anatomy` turns a batch of them into slot maps on any
+device.
 
 Coordinates are isotropic and normalised: along axis j,
 ``(index - (S_j - 1) / 2) * 2 / (max(S) - 1)``, so the longest axis spans [-1, 1].
@@ -40,6 +44,8 @@ class AnatomyConfig(BaseModel):
     p_nested: float = Field(0.2, ge=0, le=1)
     p_rim: float = Field(0.12, ge=0, le=1)
     p_touch: float = Field(0.35, ge=0, le=1)
+    p_filled: float = Field(0.5, ge=0, le=1)
+    p_parts: float = Field(0.3, ge=0, le=1)
     wobble: float = Field(0.18, ge=0, le=1)
     deform: tuple[float, float] = (0.0, 0.08)
     min_voxels: int = 12
@@ -259,6 +265,20 @@ def sample_anatomy(
     d_tissues = list(distractor_weights)
     d_w = list(distractor_weights.values())
 
+    def add_parts(parent: int, label: int, margin: float) -> None:
+        """With probability ``p_parts``, 1..3 blobs of other tissues inside structure ``parent``
+        (kept ``margin`` inside its edge) that carry its label."""
+        if not draw.bernoulli(cfg.p_parts):
+            return
+        p = structs[parent]
+        for _ in range(draw.randint(1, 3)):
+            at = _in_ball(draw, [r * 0.5 for r in p["radii"]], p["center"])
+            part = blob(draw.choice(d_tissues, d_w), label, at=at)
+            part["radii"] = [r * draw.uniform(0.15, 0.45) for r in p["radii"]]
+            part["container"] = parent
+            part["margin"] = margin + draw.uniform(0.02, 0.15)
+            structs.append(part)
+
     for _ in range(draw.randint(*cfg.n_distractors)):
         tissue = draw.choice(d_tissues, d_w)
         if draw.bernoulli(0.25):
@@ -286,10 +306,13 @@ def sample_anatomy(
             structs.append(child)
             label += 2
         elif u < cfg.p_tube + cfg.p_nested + cfg.p_rim:
-            cavity = blob(draw.choice(["fluid", "organ", "enhanced"]))
+            filled = draw.bernoulli(cfg.p_filled)
+            cavity = blob(draw.choice(["fluid", "organ", "enhanced"]), label if filled else 0)
             structs.append(cavity)
             wall = dict(cavity, tissue=tissue, label=label, shell=draw.uniform(0.12, 0.3))
             structs.append(wall)
+            if filled:
+                add_parts(len(structs) - 2, label, wall["shell"])
             label += 1
         elif u < cfg.p_tube + cfg.p_nested + cfg.p_rim + cfg.p_touch and len(structs) > 2:
             nb_index = draw.randint(2 if body else 1, len(structs) - 1)
@@ -301,9 +324,11 @@ def sample_anatomy(
                 new["center"] = [c + reach * x for c, x in zip(nb["center"], d, strict=True)]
                 new["touches"] = nb_index
             structs.append(new)
+            add_parts(len(structs) - 1, label, 0.0)
             label += 1
         else:
             structs.append(blob(tissue, label))
+            add_parts(len(structs) - 1, label, 0.0)
             label += 1
 
     deform = draw.uniform(*cfg.deform)
@@ -468,6 +493,15 @@ def _full(crop: tuple[slice, ...], factor: int) -> tuple[slice, ...]:
     return tuple(slice(c.start * factor, c.stop * factor) for c in crop)
 
 
+def _contained_rho(structures: tuple[Structure, ...], k: int, x: torch.Tensor) -> torch.Tensor:
+    """rho of blob ``k`` at coordinates ``x``, clipped by its own containers (as it is drawn)."""
+    s = structures[k]
+    rho = _blob_rho(s, x, radial_table(s.harmonics, x.shape[0]))
+    if s.container >= 0:
+        rho = torch.maximum(rho, _contained_rho(structures, s.container, x) / (1 - s.margin))
+    return rho
+
+
 def render_anatomy(
     params: list[AnatomyParams],
     shape: tuple[int, ...],
@@ -512,7 +546,11 @@ def render_anatomy(
             if any(c.stop <= c.start for c in crop):
                 continue
             if k in containers and s.kind == "blob":
-                full_rho[k] = _blob_rho(s, x, table)
+                # what it contains stays inside it as drawn, i.e. clipped by its own container
+                rho_k = _blob_rho(s, x, table)
+                if s.container >= 0 and s.container in full_rho:
+                    rho_k = torch.maximum(rho_k, full_rho[s.container] / (1 - s.margin))
+                full_rho[k] = rho_k
             # Each structure is evaluated on the coarsest grid (factor f, f/2, ..., 1 of the
             # full resolution) on which its thinnest part spans >= 1.5 voxels, in its box only.
             fs = _level(s, f, step)
@@ -526,7 +564,12 @@ def render_anatomy(
                 else:
                     rho = _blob_rho(s, xl, table)
             if s.container >= 0 and s.container in full_rho:
-                cont = _upsample(full_rho[s.container][crop].unsqueeze(0), sub)[0]
+                # the container as it was drawn: from the coarse grid, or exactly where it
+                # was drawn finer (a small parent), so what it contains stays inside it
+                if sub == 1 or _level(p.structures[s.container], f, step) == f:
+                    cont = _upsample(full_rho[s.container][crop].unsqueeze(0), sub)[0]
+                else:
+                    cont = _contained_rho(p.structures, s.container, xl)
                 rho = torch.maximum(rho, cont / (1 - s.margin))
             if s.shell > 0:
                 rho = (rho - (1 - s.shell / 2)).abs() / (s.shell / 2)

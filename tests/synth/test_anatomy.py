@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from medfm.synth.anatomy import AnatomyConfig, anatomy_noise_shape, render_anatomy
+from medfm.synth.anatomy import TISSUES, AnatomyConfig, anatomy_noise_shape, render_anatomy
 from medfm.synth.case import CaseParams, SynthConfig, render_cases, sample_case
 
 
@@ -91,3 +91,41 @@ def test_difficulty_lowers_contrast_to_the_touching_neighbour():
                     g.append(abs(c.texture.means[k + 1] - c.texture.means[s.touches + 1]))
         gaps[d] = sum(g) / len(g)
     assert gaps[1.0] < 0.5 * gaps[0.0]
+
+
+def test_parts_and_filled_cavities_carry_their_objects_label():
+    """A label covers a heterogeneous object: parts of other tissues inside it, or the cavity
+    its wall encloses, are painted over the object but keep its label."""
+    cfg = SynthConfig(
+        anatomy=AnatomyConfig(
+            n_labels=(1, 1), p_tube=0.0, p_nested=0.0, p_rim=0.5, p_touch=0.0,
+            p_parts=1.0, p_filled=1.0,
+        )
+    )
+    kinds, ring_labels = set(), []
+    for i in range(12):
+        case = sample_case(cfg, "ct", (96, 96), 5, i)
+        s = case.anatomy.structures
+        labelled = [k for k, x in enumerate(s) if x.label == 1]
+        assert len(labelled) >= 2  # the object and its parts (or its wall and cavity)
+        parts = [k for k in labelled if s[k].container in labelled]
+        assert parts and all(s[k].tissue in TISSUES for k in parts)
+        kinds.add(any(s[k].shell > 0 for k in labelled))
+        noise = torch.randn(1, *anatomy_noise_shape(2), generator=torch.Generator().manual_seed(i))
+        slots, lut = render_anatomy([case.anatomy], (96, 96), noise)
+        label = lut[0][slots[0]]
+        for k in parts:
+            inside = slots[0] == k + 1
+            if inside.any():  # a part lies inside its parent: the label map there is 1
+                assert bool((label[inside] == 1).all())
+                grown = torch.nn.functional.max_pool2d(inside[None, None].float(), 3, 1, 1)
+                ring_labels.append(label[grown[0, 0].bool() & ~inside])
+    # around the parts lies their object (a part can stray a pixel where its parent is small)
+    assert float((torch.cat(ring_labels) == 1).float().mean()) > 0.95
+    assert kinds == {True, False}  # both filled walls and plain objects with parts were drawn
+    # without them, no structure shares a label
+    plain = SynthConfig(anatomy=AnatomyConfig(p_parts=0.0, p_filled=0.0))
+    for i in range(12):
+        labels = [x.label for x in sample_case(plain, "mri", (96, 96), 5, i).anatomy.structures]
+        labels = [lab for lab in labels if lab > 0]
+        assert len(labels) == len(set(labels))
