@@ -370,6 +370,10 @@ class PromptConfig(BaseModel):
     - ``n_pos``, ``n_neg``: inclusive ranges of positive / negative clicks of a point prompt,
       drawn uniformly per prompt; ``neg_band``: negatives within that many pixels of the
       object's box (None: anywhere outside the object).
+    - ``center_prob``: probability that the first positive click of a point prompt is the
+      mask's innermost pixel (where a user clicks, and the evaluation protocol's click; RITM
+      likewise keeps first clicks away from the boundary) instead of a uniform one. 0 draws
+      nothing extra, so existing configs give the same prompts as before.
     - ``refine_iters``: corrective clicks after the first prediction, each from the error
       region (`refinement_clicks` in ``refine_mode``), the previous mask logits fed back (SAM
       trains with 8, plus 2 rounds with the mask only); read by the training loop.
@@ -386,6 +390,7 @@ class PromptConfig(BaseModel):
     n_pos: tuple[int, int] = (1, 3)
     n_neg: tuple[int, int] = (0, 2)
     neg_band: int | None = Field(None, ge=0)
+    center_prob: float = Field(0.0, ge=0.0, le=1.0)
     refine_iters: int = Field(2, ge=0)
     refine_mode: RefineMode = "uniform"
     multimask: bool = True
@@ -460,7 +465,8 @@ def sample_prompts(
     box, jittered by up to ``cfg.max_shift * input_size / 1024`` pixels per side. Otherwise it
     is ``n_pos`` positive and ``n_neg`` negative clicks (uniform in ``cfg.n_pos`` /
     ``cfg.n_neg``), padded with label -1 to P = ``cfg.n_pos[1] + cfg.n_neg[1]``; box prompts
-    get P padding points. Every draw is made for every row (boxes, counts and clicks), so the
+    get P padding points. With probability ``cfg.center_prob`` the first positive click is
+    the mask's innermost pixel (`innermost_points`); the other positives stay uniform. Every draw is made for every row (boxes, counts and clicks), so the
     result for row i does not change with the box / point choice of the other rows.
     Empty masks raise `MedfmError`.
     """
@@ -484,6 +490,13 @@ def sample_prompts(
         slot < pos_hi, slot[None] < n_pos[:, None], slot[None] - pos_hi < n_neg[:, None]
     )
     used = used & ~has_box[:, None]
+    if cfg.center_prob > 0:
+        center = _rand((n,), generator, device) < cfg.center_prob
+        idx, _ = _edt_argmax(masks)
+        points[:, 0] = torch.where(center[:, None], _index_to_xy(idx, w), points[:, 0])
+        # the innermost pixel may repeat a uniform positive: drop that one
+        same = (points[:, 1:pos_hi] == points[:, :1]).all(dim=-1) & center[:, None]
+        labels[:, 1:pos_hi] = torch.where(same, -1, labels[:, 1:pos_hi])
     labels = torch.where(used, labels, -1)
     points = points * (labels >= 0)[..., None]
     boxes = boxes * has_box[:, None]

@@ -337,3 +337,30 @@ def test_cpu_generator_gives_same_prompts_on_gpu():
     la = random_label_masks(masks.long(), generator=gen(26), max_per_image=1)
     lb = random_label_masks(masks.long().cuda(), generator=gen(26), max_per_image=1)
     assert torch.equal(la[1], lb[1].cpu())
+
+
+def test_sample_prompts_center_clicks():
+    masks = random_masks(200, seed=27)
+    base = PromptConfig(box_prob=0.3, n_pos=(1, 2), n_neg=(0, 1))
+    p0 = sample_prompts(masks, base, input_size=256, generator=gen(28))
+    p1 = sample_prompts(
+        masks, base.model_copy(update={"center_prob": 1.0}), input_size=256, generator=gen(28)
+    )
+    pts = ~p1.has_box
+    # the extra draw comes last: boxes, the box/point choice and the negatives are unchanged
+    assert torch.equal(p0.has_box, p1.has_box) and torch.equal(p0.boxes, p1.boxes)
+    assert torch.equal(p0.labels[:, 2:], p1.labels[:, 2:])
+    # every point prompt's first click is the innermost pixel, a positive one
+    assert torch.equal(p1.points[pts, 0], innermost_points(masks[pts]))
+    assert (p1.labels[pts, 0] == 1).all()
+    # a second positive is still a uniform pixel of the mask, never the innermost one again
+    second = p1.labels[:, 1] == 1
+    assert at(masks, p1.points)[second, 1].all()
+    assert not (p1.points[second, 1] == p1.points[second, 0]).all(dim=-1).any()
+    half = sample_prompts(
+        masks, base.model_copy(update={"center_prob": 0.5}), input_size=256, generator=gen(28)
+    )
+    hit = (half.points[pts, 0] == innermost_points(masks[pts])).all(dim=-1).float().mean()
+    assert 0.35 < hit.item() < 0.7
+    with pytest.raises(ValidationError):
+        PromptConfig(center_prob=1.5)
