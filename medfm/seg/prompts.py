@@ -466,8 +466,9 @@ def sample_prompts(
     is ``n_pos`` positive and ``n_neg`` negative clicks (uniform in ``cfg.n_pos`` /
     ``cfg.n_neg``), padded with label -1 to P = ``cfg.n_pos[1] + cfg.n_neg[1]``; box prompts
     get P padding points. With probability ``cfg.center_prob`` the first positive click is
-    the mask's innermost pixel (`innermost_points`); the other positives stay uniform. Every draw is made for every row (boxes, counts and clicks), so the
-    result for row i does not change with the box / point choice of the other rows.
+    the mask's innermost pixel (`innermost_points`); the other positives stay uniform. Every
+    draw is made for every row (boxes, counts and clicks), so the result for row i does not
+    change with the box / point choice of the other rows.
     Empty masks raise `MedfmError`.
     """
     masks = _as_masks(masks)

@@ -98,8 +98,13 @@ def test_parts_and_filled_cavities_carry_their_objects_label():
     its wall encloses, are painted over the object but keep its label."""
     cfg = SynthConfig(
         anatomy=AnatomyConfig(
-            n_labels=(1, 1), p_tube=0.0, p_nested=0.0, p_rim=0.5, p_touch=0.0,
-            p_parts=1.0, p_filled=1.0,
+            n_labels=(1, 1),
+            p_tube=0.0,
+            p_nested=0.0,
+            p_rim=0.5,
+            p_touch=0.0,
+            p_parts=1.0,
+            p_filled=1.0,
         )
     )
     kinds, ring_labels = set(), []
