@@ -310,8 +310,12 @@ class Trainer:
         self.log = (log if self.rank == 0 else None) or (lambda msg: None)
         self.model = init_model(cfg).to(self.device)
         if cfg.compile:  # TorchInductor: ~1.2x per step on 2 CPU cores, minutes to compile
+            # Automatic dynamic shapes: static first, then only the sizes that change (the
+            # decoder's number of prompts) made symbolic. dynamic=True also makes the image
+            # sides symbolic, and torch 2.14's inductor fails on those graphs ("cannot
+            # determine truth value of Relational").
             for module in (self.model.mask_decoder, self.model.image_encoder):
-                module.forward = torch.compile(module.forward, dynamic=True)
+                module.forward = torch.compile(module.forward)
         self.image_size = int(self.model.image_encoder.img_size)
         self.scale = self.image_size / LOWRES
         self.data = load_training_data(cfg.data, self.image_size)

@@ -205,3 +205,17 @@ def test_logged_terms_average_over_single_and_multimask_prompts(synth, tmp_path)
     for step in range(4):  # with the Dice loss alone, the logged dice is the step's loss
         m = trainer.train_step(step)
         assert m["dice"] == pytest.approx(m["loss"], rel=1e-5)
+
+
+@pytest.mark.slow  # TorchInductor compiles for minutes on 2 CPU cores
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_compiled_training_matches_eager(synth, tmp_path):
+    # medfm-tiny's recipe: encoder trained (compiled with static shapes), decoder compiled with
+    # dynamic shapes (single clicks and boxes give groups of other sizes)
+    losses = {}
+    for compiled in (False, True):
+        cfg = _cfg(synth, tmp_path / f"c{compiled}", steps=3, batch=2, train_encoder=True,
+                   compile=compiled, prompt=PromptConfig(box_prob=0.5, refine_iters=0))  # fmt: skip
+        losses[compiled] = []
+        train(cfg, progress=lambda step, m, k=compiled: losses[k].append(m["loss"]))
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3, abs=1e-4)
