@@ -24,9 +24,12 @@ def test_unknown_keys_are_refused(tmp_path):
 
 
 def test_the_ablation_trains_exactly_like_medfm_tiny():
-    def train_step(name):
+    def train_steps(name):
         recipe = load_recipe(RECIPES[0].parent / name)
-        cfg = next(s.train for s in recipe.steps if isinstance(s, TrainStep))
-        return cfg.model_dump(exclude={"data", "out"})
+        cfgs = [s.train for s in recipe.steps if isinstance(s, TrainStep)]
+        # each stage starts from the previous stage's model
+        assert [c.checkpoint for c in cfgs[1:]] == [f"{c.out}/model" for c in cfgs[:-1]]
+        return [c.model_dump(exclude={"data", "out", "checkpoint"}) for c in cfgs]
 
-    assert train_step("medfm_tiny.yaml") == train_step("medfm_tiny_ablation_monai.yaml")
+    tiny = train_steps("medfm_tiny.yaml")
+    assert len(tiny) == 2 and tiny == train_steps("medfm_tiny_ablation_monai.yaml")
