@@ -16,9 +16,9 @@ from medfm.seg.predict import Segmenter
 from medfm.synth.dataset import generate_dataset
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "medfm_tiny.yaml"
-# Mean Dice of the bundled weights on these 6 cases: box 0.69, point 0.46 (box-ellipse 0.77):
-# bars a little below, so that a worse model fails.
-BOX_MIN, POINT_MIN = 0.60, 0.38
+# Mean Dice of the bundled weights on these 6 cases: box 0.69, point 0.58 (box-ellipse 0.77;
+# stage 1 alone: 0.69, 0.46): bars a little below, so that a worse model fails.
+BOX_MIN, POINT_MIN = 0.60, 0.50
 
 
 def test_bundled_weights_are_the_recipes_and_small():
@@ -26,7 +26,8 @@ def test_bundled_weights_are_the_recipes_and_small():
     assert sum(p.stat().st_size for p in BUNDLED_DIR.iterdir()) <= 25_000_000
     config = json.loads((BUNDLED_DIR / "config.json").read_text())
     assert config["model"] == "medfm-tiny"
-    train = next(s.train for s in load_recipe(RECIPE).steps if isinstance(s, TrainStep))
+    # the recipe's last training stage made them
+    train = [s.train for s in load_recipe(RECIPE).steps if isinstance(s, TrainStep)][-1]
     assert config["train_config"] == json.loads(train.model_dump_json())
 
 
