@@ -210,8 +210,8 @@ def test_logged_terms_average_over_single_and_multimask_prompts(synth, tmp_path)
 @pytest.mark.slow  # TorchInductor compiles for minutes on 2 CPU cores
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_compiled_training_matches_eager(synth, tmp_path):
-    # medfm-tiny's recipe: encoder trained (compiled with static shapes), decoder compiled with
-    # dynamic shapes (single clicks and boxes give groups of other sizes)
+    # medfm-tiny's recipe: encoder trained; the decoder sees groups of prompts of other sizes
+    # (single clicks and boxes), so its graph is recompiled with a symbolic prompt count
     losses = {}
     for compiled in (False, True):
         cfg = _cfg(synth, tmp_path / f"c{compiled}", steps=3, batch=2, train_encoder=True,
