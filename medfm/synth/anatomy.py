@@ -6,11 +6,14 @@ unit direction) or a tube (distance to a smooth Bezier curve over its radius). A
 are deformed by one smooth displacement of the coordinates, can be confined inside a container
 structure (organs inside the body, an inner structure inside its organ), can be thin shells
 (walls, rims), and are painted in order, so later structures cover earlier ones and neighbours
-abut. A label can cover several structures: a wall with the cavity it encloses (``p_filled``:
-a bladder, a vessel, a skull with its contents) and an object with internal parts of other
-tissues (``p_parts``: an organ with its vessels, a head with its brain), so that a box or a
-click anywhere on a heterogeneous object asks for the whole of it. The sampled parameters are
-plain numbers (`AnatomyParams`); `render_anatomy` turns a batch of them into slot maps on any
+abut. With probability ``p_large`` a case's first label is a dominant structure (radius
+``large_size``, near the middle of the field: a fetal head filling the ultrasound sector, a
+liver across an abdominal crop), so that boxes spanning most of the image occur too. A label can
+cover several structures: a wall with the cavity it encloses (``p_filled``: a bladder, a vessel,
+a skull with its contents) and an object with internal parts of other tissues (``p_parts``: an
+organ with its vessels, a head with its brain), so that a box or a click anywhere on a
+heterogeneous object asks for the whole of it. The sampled parameters are plain numbers
+(`AnatomyParams`); `render_anatomy` turns a batch of them into slot maps on any
 device.
 
 Coordinates are isotropic and normalised: along axis j,
@@ -46,6 +49,8 @@ class AnatomyConfig(BaseModel):
     p_touch: float = Field(0.35, ge=0, le=1)
     p_filled: float = Field(0.5, ge=0, le=1)
     p_parts: float = Field(0.3, ge=0, le=1)
+    p_large: float = Field(0.25, ge=0, le=1)
+    large_size: tuple[float, float] = (0.4, 0.75)
     wobble: float = Field(0.18, ge=0, le=1)
     deform: tuple[float, float] = (0.0, 0.08)
     min_voxels: int = 12
@@ -219,7 +224,14 @@ def sample_anatomy(
         room = list(ext)
         container = -1
 
-    def blob(tissue: str, label: int = 0, size: float | None = None, at=None) -> dict:
+    def blob(
+        tissue: str, label: int = 0, size: float | None = None, at=None, large: bool = False
+    ) -> dict:
+        """``large``: a dominant structure, radius from ``large_size``, centred within 0.3 of
+        the room's radius of its middle."""
+        if large:
+            size = draw.log_uniform(*cfg.large_size)
+            at = _in_ball(draw, [x * 0.3 for x in room], center)
         r = size if size is not None else draw.log_uniform(*cfg.size)
         radii = [r * draw.uniform(0.6, 1.4) for _ in range(nd)]
         return dict(
@@ -287,15 +299,22 @@ def sample_anatomy(
             structs.append(blob(tissue))
 
     n_labels = draw.randint(*cfg.n_labels)
+    # p_large == 0 draws nothing, so such configs give the cases they gave before p_large
+    large = cfg.p_large > 0 and draw.bernoulli(cfg.p_large)
     label = 1
     while label <= n_labels:
         tissue = draw.choice(tissues, t_w)
         u = draw.uniform()
-        if u < cfg.p_tube:
+        big = large and label == 1  # the first label is the dominant one (not a tube)
+        if u < cfg.p_tube and not big:
             structs.append(tube(tissue, label))
             label += 1
         elif u < cfg.p_tube + cfg.p_nested and label < n_labels:
-            parent = blob(tissue, label, size=draw.log_uniform(max(cfg.size[0], 0.12), cfg.size[1]))
+            parent = (
+                blob(tissue, label, large=True)
+                if big
+                else blob(tissue, label, size=draw.log_uniform(max(cfg.size[0], 0.12), cfg.size[1]))
+            )
             structs.append(parent)
             inner_r = [r * draw.uniform(0.25, 0.6) for r in parent["radii"]]
             offset = _in_ball(draw, [r * 0.3 for r in parent["radii"]], parent["center"])
@@ -307,14 +326,18 @@ def sample_anatomy(
             label += 2
         elif u < cfg.p_tube + cfg.p_nested + cfg.p_rim:
             filled = draw.bernoulli(cfg.p_filled)
-            cavity = blob(draw.choice(["fluid", "organ", "enhanced"]), label if filled else 0)
+            cavity = blob(
+                draw.choice(["fluid", "organ", "enhanced"]), label if filled else 0, large=big
+            )
             structs.append(cavity)
             wall = dict(cavity, tissue=tissue, label=label, shell=draw.uniform(0.12, 0.3))
             structs.append(wall)
             if filled:
                 add_parts(len(structs) - 2, label, wall["shell"])
             label += 1
-        elif u < cfg.p_tube + cfg.p_nested + cfg.p_rim + cfg.p_touch and len(structs) > 2:
+        elif (
+            u < cfg.p_tube + cfg.p_nested + cfg.p_rim + cfg.p_touch and len(structs) > 2 and not big
+        ):
             nb_index = draw.randint(2 if body else 1, len(structs) - 1)
             nb = structs[nb_index]
             new = blob(tissue, label)
@@ -327,7 +350,7 @@ def sample_anatomy(
             add_parts(len(structs) - 1, label, 0.0)
             label += 1
         else:
-            structs.append(blob(tissue, label))
+            structs.append(blob(tissue, label, large=big))
             add_parts(len(structs) - 1, label, 0.0)
             label += 1
 
