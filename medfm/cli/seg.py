@@ -123,6 +123,10 @@ def seg_train(
         bool, typer.Option("--keep-decoder", help="Start from the checkpoint's decoder.")
     ] = False,
     refine_iters: Annotated[int, typer.Option(help="Refinement clicks per prompt.")] = 2,
+    lowres_prob: Annotated[
+        float,
+        typer.Option(help="Share of images shrunk 1.5-6x first (simulated low resolution)."),
+    ] = 0.0,
     compile_model: Annotated[
         bool, typer.Option("--compile", help="torch.compile the encoder and decoder.")
     ] = False,
@@ -145,10 +149,12 @@ def seg_train(
             loss=loss, grad_clip=grad_clip, train_encoder=train_encoder, keep_decoder=keep_decoder,
             checkpoint_every=checkpoint_every, cache=str(cache) if cache else None, seed=seed,
             device=device, compile=compile_model, prompt=PromptConfig(refine_iters=refine_iters),
+            lowres_prob=lowres_prob,
         )  # fmt: skip
     except ValidationError as e:
         err = e.errors()[0]
-        raise MedfmError(f"--{'-'.join(map(str, err['loc']))}: {err['msg']}") from None
+        where = f"--{'-'.join(map(str, err['loc']))}: " if err["loc"] else ""
+        raise MedfmError(f"{where}{err['msg'].removeprefix('Value error, ')}") from None
     from medfm.cli.progress import progress_bar
 
     with progress_bar(info=True) as bar:

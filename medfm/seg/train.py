@@ -3,6 +3,9 @@ encoder) on nnU-Net 2D datasets: the SynthFM recipe.
 
 - Frozen encoder (the default): each image's embedding is computed once into an
   `EmbeddingCache` (fp16, memory-mapped) and training reads only embeddings and label maps.
+- ``lowres_prob``: nnU-Net's simulated low resolution, for a trained encoder: an image is
+  shrunk by a factor in ``lowres_factor`` (area average) before the model's resize to its input,
+  as a small crop or a coarse slice is, whose structures then reach the encoder blurred.
 - Prompt encoder and mask decoder are re-initialised (``keep_decoder`` keeps the checkpoint's).
 - Every step draws its images, targets and prompts from a generator seeded by (seed, step), so
   a run resumed from a checkpoint ends, on the CPU, with the weights of an uninterrupted run.
@@ -33,7 +36,8 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from medfm.errors import MedfmError
@@ -88,6 +92,20 @@ class TrainConfig(BaseModel):
     compile: bool = False
     cache: str | None = None
     prompt: PromptConfig = PromptConfig()
+    lowres_prob: float = Field(0.0, ge=0.0, le=1.0)
+    lowres_factor: tuple[float, float] = (1.5, 6.0)
+
+    @model_validator(mode="after")
+    def _check_lowres(self) -> TrainConfig:
+        lo, hi = self.lowres_factor
+        if not 1.0 <= lo <= hi:
+            raise ValueError("lowres_factor must be (low, high) with 1 <= low <= high")
+        if self.lowres_prob > 0 and not self.train_encoder:
+            raise ValueError(
+                "lowres_prob needs train_encoder: a frozen encoder's embeddings are cached "
+                "from the images as stored"
+            )
+        return self
 
 
 @dataclass
@@ -138,6 +156,14 @@ def load_training_data(folders: tuple[str, ...] | list[str], image_size: int) ->
     if not images:
         raise MedfmError(f"no labelled cases in {', '.join(map(str, folders))}")
     return TrainData(images=images, lowres_labels=torch.stack(labels), names=names)
+
+
+def simulate_low_resolution(image: np.ndarray, factor: float) -> np.ndarray:
+    """(H, W, 3) uint8 -> the same image shrunk by ``factor`` (area average, at least 1 pixel
+    per side): what a scan acquired or stored that much coarser gives the model's resize."""
+    h, w = image.shape[:2]
+    size = (max(1, round(w / factor)), max(1, round(h / factor)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -372,13 +398,28 @@ class Trainer:
                 self.cache.get_or_compute(todo[s : s + 16], self._encode, batch_size=8)
         _barrier(self.world)
 
-    def embeddings(self, idx: list[int]) -> torch.Tensor:
+    def embeddings(self, idx: list[int], step: int = 0) -> torch.Tensor:
         if self.cache is not None:
             arrays = [self.cache.get_array(self.data.images[i]) for i in idx]
             return torch.stack(
                 [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in arrays]
             ).to(self.device)
-        return self._encode([self.data.images[i] for i in idx])
+        return self._encode(self.augmented_images(idx, step))
+
+    def augmented_images(self, idx: list[int], step: int) -> list[np.ndarray]:
+        """The images of one step, each shrunk with probability ``lowres_prob``. Drawn from
+        their own generator of (seed, step, rank): the prompts' stream stays as it was."""
+        images = [self.data.images[i] for i in idx]
+        cfg = self.cfg
+        if cfg.lowres_prob == 0:
+            return images
+        g = step_generator(cfg.seed * 1009 + 7 * (self.rank + 1) + 500_009, step)
+        u = torch.rand(len(images), 2, generator=g, dtype=torch.float64).tolist()
+        lo, hi = cfg.lowres_factor
+        return [
+            simulate_low_resolution(im, lo * (hi / lo) ** b) if a < cfg.lowres_prob else im
+            for im, (a, b) in zip(images, u, strict=True)
+        ]
 
     # ------------------------------------------------------------------ one step
 
@@ -399,7 +440,7 @@ class Trainer:
         self.model.train()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._amp())
         with autocast:
-            emb = self.embeddings(idx)
+            emb = self.embeddings(idx, step)
         loss, last = prompted_loss(
             self.model, emb, image_index, masks, prompts, cfg.prompt, cfg.loss, g, self.scale,
             amp=self._amp(),

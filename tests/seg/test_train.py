@@ -2,14 +2,25 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from medfm.errors import MedfmError
 from medfm.seg.losses import dice_loss_only, sam_loss
 from medfm.seg.prompts import PromptConfig
-from medfm.seg.train import LOSSES, TrainConfig, lowres_label, lr_factor, prepare_run, train
+from medfm.seg.train import (
+    LOSSES,
+    TrainConfig,
+    Trainer,
+    lowres_label,
+    lr_factor,
+    prepare_run,
+    simulate_low_resolution,
+    train,
+)
 from medfm.synth.anatomy import AnatomyConfig
 from medfm.synth.case import SynthConfig
 from medfm.synth.dataset import generate_dataset
@@ -219,3 +230,38 @@ def test_compiled_training_matches_eager(synth, tmp_path):
         losses[compiled] = []
         train(cfg, progress=lambda step, m, k=compiled: losses[k].append(m["loss"]))
     assert losses[True] == pytest.approx(losses[False], rel=1e-3, abs=1e-4)
+
+
+def test_simulated_low_resolution_averages_blocks():
+    img = (np.arange(60 * 90 * 3) % 251).astype(np.uint8).reshape(60, 90, 3)
+    small = simulate_low_resolution(img, 3.0)
+    assert small.shape == (20, 30, 3) and small.dtype == np.uint8
+    block = img[3:6, 6:9].reshape(-1, 3).astype(float).mean(0)  # pixel (1, 2): its 3x3 block
+    assert np.abs(small[1, 2] - block).max() <= 1
+    assert np.array_equal(simulate_low_resolution(img, 1.0), img)
+    assert simulate_low_resolution(img[:2], 6.0).shape == (1, 15, 3)  # at least a pixel a side
+
+
+def test_low_resolution_needs_a_trained_encoder_and_factors_of_at_least_one(synth, tmp_path):
+    with pytest.raises(ValidationError, match="train_encoder"):
+        _cfg(synth, tmp_path, lowres_prob=0.5)
+    with pytest.raises(ValidationError, match="lowres_factor"):
+        _cfg(synth, tmp_path, train_encoder=True, lowres_prob=0.5, lowres_factor=(0.5, 2.0))
+
+
+def test_low_resolution_images_are_drawn_per_step(synth, tmp_path):
+    """lowres_prob = 1 shrinks every image by 1.5..6x, the same way for the same step (so a
+    resumed run sees the same images); lowres_prob = 0 gives the stored images."""
+    t = Trainer(_cfg(synth, tmp_path / "a", train_encoder=True, lowres_prob=1.0))
+    stored = t.data.images[0]
+    sides = []
+    for step in range(6):
+        (im,) = t.augmented_images([0], step)
+        (again,) = t.augmented_images([0], step)
+        assert np.array_equal(im, again)
+        assert 64 / 6 - 1 <= im.shape[1] <= 64 / 1.5 + 1 and im.shape[2] == 3
+        sides.append(im.shape[1])
+    assert len(set(sides)) > 1
+    plain = Trainer(_cfg(synth, tmp_path / "b", train_encoder=True))
+    assert plain.augmented_images([0], 3)[0] is plain.data.images[0]
+    assert stored.shape[:2] == (64, 64)
