@@ -160,7 +160,9 @@ def load_training_data(folders: tuple[str, ...] | list[str], image_size: int) ->
 
 def simulate_low_resolution(image: np.ndarray, factor: float) -> np.ndarray:
     """(H, W, 3) uint8 -> the same image shrunk by ``factor`` (area average, at least 1 pixel
-    per side): what a scan acquired or stored that much coarser gives the model's resize."""
+    per side): what a scan acquired or stored that much coarser gives the model's resize. The
+    model's own resize (SAM's ``ResizeLongestSide``) then enlarges it, as it does a small real
+    image; MONAI's ``RandSimulateLowResolution`` would upsample with its own interpolation."""
     h, w = image.shape[:2]
     size = (max(1, round(w / factor)), max(1, round(h / factor)))
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
@@ -398,7 +400,7 @@ class Trainer:
                 self.cache.get_or_compute(todo[s : s + 16], self._encode, batch_size=8)
         _barrier(self.world)
 
-    def embeddings(self, idx: list[int], step: int = 0) -> torch.Tensor:
+    def embeddings(self, idx: list[int], step: int) -> torch.Tensor:
         if self.cache is not None:
             arrays = [self.cache.get_array(self.data.images[i]) for i in idx]
             return torch.stack(
