@@ -12,9 +12,12 @@ liver across an abdominal crop), so that boxes spanning most of the image occur 
 cover several structures: a wall with the cavity it encloses (``p_filled``: a bladder, a vessel,
 a skull with its contents) and an object with internal parts of other tissues (``p_parts``: an
 organ with its vessels, a head with its brain), so that a box or a click anywhere on a
-heterogeneous object asks for the whole of it. The sampled parameters are plain numbers
-(`AnatomyParams`); `render_anatomy` turns a batch of them into slot maps on any
-device.
+heterogeneous object asks for the whole of it. With probability ``p_split`` a label is one part of
+a structure cut in two by a gently curved surface, its other part the next label, both of one
+tissue and texture (the hippocampus's head and body, an organ's segments): the boundary between
+them is in no intensity, and a box around one part holds some of the other. The sampled
+parameters are plain numbers (`AnatomyParams`); `render_anatomy` turns a batch of them into slot
+maps on any device.
 
 Coordinates are isotropic and normalised: along axis j,
 ``(index - (S_j - 1) / 2) * 2 / (max(S) - 1)``, so the longest axis spans [-1, 1].
@@ -50,6 +53,7 @@ class AnatomyConfig(BaseModel):
     p_filled: float = Field(0.5, ge=0, le=1)
     p_parts: float = Field(0.3, ge=0, le=1)
     p_large: float = Field(0.25, ge=0, le=1)
+    p_split: float = Field(0.15, ge=0, le=1)
     large_size: tuple[float, float] = (0.4, 0.75)
     wobble: float = Field(0.18, ge=0, le=1)
     deform: tuple[float, float] = (0.0, 0.08)
@@ -291,6 +295,26 @@ def sample_anatomy(
             part["margin"] = margin + draw.uniform(0.02, 0.15)
             structs.append(part)
 
+    def split(tissue: str, label: int) -> None:
+        """A blob (``label``) and, drawn over it and confined to it, a sphere of radius 2..6
+        whose surface cuts it within 0.4 of its radius from its centre (``label + 1``, same
+        tissue; ``touches`` = ``container`` = the blob tells the texture to continue it)."""
+        whole = blob(tissue, label, size=draw.log_uniform(max(cfg.size[0], 0.12), cfg.size[1]))
+        structs.append(whole)
+        d = draw.unit_vector(nd)
+        cut = draw.uniform(-0.4, 0.4) * sum(whole["radii"]) / nd
+        big_r = draw.uniform(2.0, 6.0)
+        at = [c + (cut + big_r) * x for c, x in zip(whole["center"], d, strict=True)]
+        part = blob(tissue, label + 1, size=big_r, at=at)
+        part.update(
+            radii=[big_r] * nd,
+            harmonics=_harmonics(draw, nd, 0.05),
+            container=len(structs) - 1,
+            touches=len(structs) - 1,
+            margin=0.0,
+        )
+        structs.append(part)
+
     for _ in range(draw.randint(*cfg.n_distractors)):
         tissue = draw.choice(d_tissues, d_w)
         if draw.bernoulli(0.25):
@@ -304,8 +328,13 @@ def sample_anatomy(
     label = 1
     while label <= n_labels:
         tissue = draw.choice(tissues, t_w)
-        u = draw.uniform()
         big = large and label == 1  # the first label is the dominant one (not a tube)
+        # p_split == 0 draws nothing, as p_large
+        if cfg.p_split > 0 and label < n_labels and not big and draw.bernoulli(cfg.p_split):
+            split(tissue, label)
+            label += 2
+            continue
+        u = draw.uniform()
         if u < cfg.p_tube and not big:
             structs.append(tube(tissue, label))
             label += 1

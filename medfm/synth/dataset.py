@@ -46,6 +46,9 @@ from medfm.synth.case import (
 FORMAT_VERSION = 1
 RUN_FILE = "synth_run.json"
 MIN_SIZE = 32
+# Anatomy knobs added after datasets were made, with the value that draws what the generator
+# drew before each existed: a synth_run.json without one was made with that value.
+ADDED_KNOBS = {"p_large": 0.0, "p_split": 0.0}
 
 
 class RunSpec(BaseModel):
@@ -70,6 +73,17 @@ class RunSpec(BaseModel):
 
     def case_id(self, index: int) -> str:
         return f"case_{index:05d}"
+
+    @classmethod
+    def read(cls, text: str) -> RunSpec:
+        """A ``synth_run.json`` as written by any version: anatomy knobs it lacks (made before
+        they existed) are read as ``ADDED_KNOBS``, the values that gave its cases."""
+        raw = json.loads(text)
+        anatomy = raw.get("config", {}).get("anatomy") if isinstance(raw, dict) else None
+        if isinstance(anatomy, dict):
+            for knob, value in ADDED_KNOBS.items():
+                anatomy.setdefault(knob, value)
+        return cls.model_validate(raw)
 
     def modality(self, index: int) -> str:
         return self.modalities[index % len(self.modalities)]
@@ -266,7 +280,7 @@ def generate_dataset(
     spec_text = spec.model_dump_json(indent=2)
     if run_file.exists():
         try:
-            old = RunSpec.model_validate_json(run_file.read_text())
+            old = RunSpec.read(run_file.read_text())
         except ValueError:
             raise MedfmError(f"{run_file} is unreadable; use a new --out") from None
         if old != spec:

@@ -65,6 +65,18 @@ def sample_texture(
     mixes = [0.0]
     grads: list[tuple[float, ...]] = [(0.0,) * ndim]
     for s in anatomy.structures:
+        if s.touches >= 0 and s.touches == s.container:
+            # one part of a structure cut in two (anatomy's p_split): the part continues the
+            # whole's intensity, texture and gradient (mean at the centre, hence the shift)
+            w = s.touches + 1
+            c_w = anatomy.structures[s.touches].center
+            means.append(
+                means[w] + sum(g * (a - b) for g, a, b in zip(grads[w], s.center, c_w, strict=True))
+            )
+            spreads.append(spreads[w])
+            mixes.append(mixes[w])
+            grads.append(grads[w])
+            continue
         mean, spread = tissue_value(s.tissue, draw)
         base = mean
         if s.label > 0 and draw.bernoulli(cfg.p_random_contrast):

@@ -35,7 +35,9 @@ def test_structure_sizes_range_from_tiny_to_large():
 
 def test_nested_structure_lies_inside_its_parent():
     cfg = SynthConfig(
-        anatomy=AnatomyConfig(n_labels=(2, 2), p_nested=1.0, p_tube=0.0, p_rim=0.0, p_touch=0.0)
+        anatomy=AnatomyConfig(
+            n_labels=(2, 2), p_nested=1.0, p_tube=0.0, p_rim=0.0, p_touch=0.0, p_split=0.0
+        )
     )
     case = sample_case(cfg, "mri", (96, 96), 0, 0)
     s = case.anatomy.structures
@@ -81,7 +83,7 @@ def test_difficulty_lowers_contrast_to_the_touching_neighbour():
     gaps = {}
     for d in (0.0, 1.0):
         cfg = SynthConfig(
-            anatomy=AnatomyConfig(p_touch=1.0, p_tube=0, p_nested=0, p_rim=0),
+            anatomy=AnatomyConfig(p_touch=1.0, p_tube=0, p_nested=0, p_rim=0, p_split=0),
             texture=TextureConfig(difficulty=(d, d), p_random_contrast=0.0),
         )
         g = []
@@ -158,12 +160,45 @@ def test_dominant_structures_span_much_of_the_field():
 
 
 def test_p_large_zero_gives_the_cases_of_the_generator_before_it():
-    """p_large = 0 draws nothing extra: the parameters of cases (seed 9, cases 0..3) are those
-    the generator gave before p_large existed (hashes taken at commit 9e66027), so recipes that
-    pin it reproduce the data their models were trained on."""
-    cfg = SynthConfig(anatomy=AnatomyConfig(p_large=0.0))
+    """p_large = 0 and p_split = 0 draw nothing extra: the parameters of cases (seed 9, cases
+    0..3) are those the generator gave before either existed (hashes taken at commit 9e66027),
+    so recipes that pin them reproduce the data their models were trained on."""
+    cfg = SynthConfig(anatomy=AnatomyConfig(p_large=0.0, p_split=0.0))
     before = {"ct": "2888cadfe415ce76", "mri": "cfde7b4030e036d7", "us": "5a82d225a9ad8909"}
     for modality, digest in before.items():
         cases = [sample_case(cfg, modality, (64, 64), 9, i).model_dump() for i in range(4)]
         text = json.dumps(cases, sort_keys=True)
         assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest, modality
+
+
+def test_split_structures_are_two_abutting_labels_of_one_texture():
+    """p_split: a structure cut in two. Both parts are labelled, abut along the cut, are of one
+    tissue, and the slot table gives them the same intensity field (no edge in the image)."""
+    from medfm.synth.texture import slot_table
+
+    cfg = SynthConfig(anatomy=AnatomyConfig(n_labels=(2, 2), p_split=1.0, p_large=0.0))
+    abutting = 0
+    for modality in ("ct", "mri", "us"):
+        for i in range(4):
+            case = sample_case(cfg, modality, (96, 96), 2, i)
+            s = case.anatomy.structures
+            k2 = next(k for k, x in enumerate(s) if x.label == 2)
+            k1 = s[k2].container
+            assert s[k2].touches == k1 and s[k1].label == 1 and s[k1].tissue == s[k2].tissue
+            tab = slot_table([case.texture], [case.anatomy], "cpu")[0]
+            torch.testing.assert_close(tab[k1 + 1], tab[k2 + 1])
+            noise = torch.randn(
+                1, *anatomy_noise_shape(2), generator=torch.Generator().manual_seed(i)
+            )
+            slots, _ = render_anatomy([case.anatomy], (96, 96), noise)
+            one, two = slots[0] == k1 + 1, slots[0] == k2 + 1
+            grown = torch.nn.functional.max_pool2d(one[None, None].float(), 3, 1, 1)[0, 0] > 0
+            abutting += int(bool((grown & two).any()))
+    assert abutting >= 10
+    # a case's other draws are unchanged by the split's: p_split 0 gives single labels only
+    plain = SynthConfig(anatomy=AnatomyConfig(n_labels=(2, 2), p_split=0.0))
+    for i in range(4):
+        assert all(
+            x.touches < 0 or x.touches != x.container
+            for x in sample_case(plain, "ct", (96, 96), 2, i).anatomy.structures
+        )

@@ -137,6 +137,29 @@ def test_different_arguments_are_refused(reference, tmp_path):
         generate_dataset(out, **{**SMALL, "seed": 4})
 
 
+def test_a_dataset_from_before_a_knob_resumes_with_the_knob_off(tmp_path):
+    """A synth_run.json written before p_large / p_split existed was made with them off: the
+    same arguments with them pinned to 0 resume it; the new defaults are other arguments."""
+    from medfm.synth.anatomy import AnatomyConfig
+    from medfm.synth.case import SynthConfig
+
+    off = SynthConfig(anatomy=AnatomyConfig(p_large=0.0, p_split=0.0))
+    out = tmp_path / "old"
+    generate_dataset(out, **{**SMALL, "n": 2}, config=off)
+    run_file = out / "synth_run.json"
+    spec = json.loads(run_file.read_text())
+    for knob in ("p_large", "p_split"):
+        del spec["config"]["anatomy"][knob]
+    run_file.write_text(json.dumps(spec))
+    before = tree(out)
+    generate_dataset(out, **{**SMALL, "n": 2}, config=off)  # resumes: nothing to do
+    assert {k: v for k, v in tree(out).items() if k != "synth_run.json"} == {
+        k: v for k, v in before.items() if k != "synth_run.json"
+    }
+    with pytest.raises(MedfmError, match="different arguments \\(config\\)"):
+        generate_dataset(out, **{**SMALL, "n": 2})
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
