@@ -22,7 +22,8 @@ Protocol
 
   Slices without any label are not shown to the predictor. With point prompts the predictor is
   asked for SAM's three masks and keeps the best-scoring one (``multimask=True``, SAM's setting
-  for a single ambiguous click); with boxes, for one mask.
+  for a single ambiguous click), unless the model was trained with one output for single
+  clicks (`medfm.seg.types.click_multimask`); with boxes, for one mask.
 - **Metrics** (MONAI): Dice (``compute_dice``) and normalised surface Dice
   (``compute_surface_dice``, tolerance 2 in the units of the volume's spacing: 2 pixels for PNGs,
   whose spacing is 1; 2 mm for NIfTI, with the voxel spacing passed as ``spacing=``). Each label
@@ -50,7 +51,7 @@ import torch
 from medfm.errors import MedfmError
 from medfm.io import atomic_write_text, iter_dataset, list_cases, read_dataset_json, write_png
 from medfm.seg.baselines import BASELINES
-from medfm.seg.types import Predictor, to_rgb_uint8
+from medfm.seg.types import Predictor, click_multimask, to_rgb_uint8
 
 __all__ = [
     "NSD_TOLERANCE",
@@ -274,8 +275,9 @@ def evaluate(
             the largest labelled area), the ground-truth outlines, the predicted outlines.
         max_cases: evaluate only the first cases in sorted order.
         progress: called as ``progress(done, total)`` before the first and after every case.
-        multimask: ask for SAM's best-scoring of three masks; default True for point prompts,
-            False for boxes.
+        multimask: ask for SAM's best-scoring of three masks; default: for point prompts, the
+            predictor's `medfm.seg.types.click_multimask` (True but for a medfm model trained
+            with one output for clicks), False for boxes.
 
     Returns:
         The report: ``model``, ``prompt``, ``data``, ``nsd_tolerance``, ``n_cases``,
@@ -289,7 +291,7 @@ def evaluate(
     if prompt not in allowed:
         raise MedfmError(f"the {name} model takes {' / '.join(allowed)} prompts, not {prompt}")
     if multimask is None:
-        multimask = prompt == "point"
+        multimask = prompt == "point" and click_multimask(predictor)
     cases = list_eval_cases(data_dir, max_cases)
     folder = Path(data_dir)
     names = {v: k for k, v in read_dataset_json(folder).labels.items()}

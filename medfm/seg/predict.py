@@ -22,7 +22,8 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from medfm.errors import MedfmError
-from medfm.seg.models import SEG_MODELS, build_model, load_pretrained
+from medfm.seg import models
+from medfm.seg.models import SEG_MODELS, build_model, load_pretrained, read_config
 from medfm.seg.types import Prediction, to_rgb_uint8
 
 __all__ = ["Segmenter"]
@@ -39,6 +40,13 @@ def _float_array(x: object, what: str) -> np.ndarray:
         raise MedfmError(f"{what} must be an array of numbers, got {type(x).__name__}") from None
 
 
+def _multimask_clicks(config: dict) -> bool:
+    """A medfm model folder's config.json -> whether its training gave single clicks SAM's
+    three outputs (``train_config.prompt.multimask``; True when it does not say)."""
+    prompt = (config.get("train_config") or {}).get("prompt") or {}
+    return bool(prompt.get("multimask", True))
+
+
 class Segmenter:
     """A SAM-style predictor (`medfm.seg.types.Predictor`) around a segment-anything ``Sam``.
 
@@ -46,14 +54,26 @@ class Segmenter:
         model: any model of `medfm.seg.models` (put in eval mode, moved to ``device``).
         name: the name reported by evaluation (e.g. "medfm-tiny", "vit_b").
         device: where the model runs; results are returned on the CPU.
+        multimask_clicks: whether a single click should get SAM's three masks (the best-scoring
+            kept; SAM's own models) or the single output (a medfm model trained so; read from
+            its config.json by `from_pretrained`). Used by evaluation and volume prompting
+            through `medfm.seg.types.click_multimask`; ``predict`` does what it is asked.
     """
 
     prompt_types = ("box", "point")
 
-    def __init__(self, model: Sam, name: str, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        model: Sam,
+        name: str,
+        device: str | torch.device = "cpu",
+        *,
+        multimask_clicks: bool = True,
+    ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.name = name
+        self.multimask_clicks = multimask_clicks
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.reset_image()
 
@@ -69,7 +89,13 @@ class Segmenter:
         ``model/``)."""
         key = str(name_or_dir)
         if key in SEG_MODELS:
-            return cls(build_model(key, checkpoint), key, device)
+            weights = (
+                models.BUNDLED_DIR if checkpoint is None and key == "medfm-tiny" else checkpoint
+            )
+            clicks = True
+            if weights is not None and (Path(weights) / "config.json").is_file():
+                clicks = _multimask_clicks(read_config(weights))
+            return cls(build_model(key, checkpoint), key, device, multimask_clicks=clicks)
         folder = Path(name_or_dir)
         if (folder / "model" / "config.json").is_file():
             folder = folder / "model"  # a training run's folder: its final model
@@ -80,7 +106,7 @@ class Segmenter:
                     f"{checkpoint} or pass a model name ({', '.join(SEG_MODELS)})"
                 )
             model, config = load_pretrained(folder)
-            return cls(model, config["model"], device)
+            return cls(model, config["model"], device, multimask_clicks=_multimask_clicks(config))
         raise MedfmError(
             f"{key!r} is neither a model name ({', '.join(SEG_MODELS)}) nor a medfm model folder "
             "(config.json + model.safetensors)"

@@ -39,6 +39,14 @@ class Predictor(Protocol):
         (with multimask=True the best-scoring of SAM's three masks per prompt)."""
 
 
+def click_multimask(predictor: Predictor) -> bool:
+    """Whether a single click asks the predictor for SAM's three masks (keeping the
+    best-scoring): its ``multimask_clicks`` where it has one (False for a medfm model trained
+    with one output for single clicks, `medfm.seg.train`'s ``prompt.multimask``), else True,
+    SAM's setting for an ambiguous click."""
+    return bool(getattr(predictor, "multimask_clicks", True))
+
+
 def to_rgb_uint8(
     image: np.ndarray | torch.Tensor, *, lower: float = 0.5, upper: float = 99.5
 ) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from medfm.errors import MedfmError
-from medfm.seg.types import Predictor, to_rgb_uint8
+from medfm.seg.types import Predictor, click_multimask, to_rgb_uint8
 
 
 def _mask_box(mask: np.ndarray) -> np.ndarray | None:
@@ -44,7 +44,9 @@ def segment_slice(predictor: Predictor, image: np.ndarray, **prompt) -> np.ndarr
         boxes=None if boxes is None else np.asarray(boxes, np.float32)[None],
         points=None if points is None else np.asarray(points, np.float32)[None],
         labels=None if labels is None else np.asarray(labels, np.int64)[None],
-        multimask=boxes is None and points is not None and len(points) == 1,
+        multimask=(
+            boxes is None and points is not None and len(points) == 1 and click_multimask(predictor)
+        ),
     )
     masks = pred.masks
     return (masks.numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks))[0]

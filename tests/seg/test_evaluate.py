@@ -250,6 +250,10 @@ def test_point_prompts_use_multimask(sets):
     oracle = Oracle()
     evaluate(oracle, d2, "point", max_cases=1, multimask=False)
     assert oracle.calls == [((40, 48), False)]
+    oracle = Oracle()
+    oracle.multimask_clicks = False  # a model trained with one output for single clicks
+    evaluate(oracle, d2, "point", max_cases=1)
+    assert oracle.calls == [((40, 48), False)]
 
 
 def test_baselines_on_synthetic_shapes(sets):

@@ -218,6 +218,7 @@ def test_from_pretrained(tmp_path, monkeypatch, image):
     bundled.set_image(image)
     again = bundled.predict(boxes=BOXES[:1], multimask=True)
     torch.testing.assert_close(again.logits, out.logits[:1], atol=1e-5, rtol=0)
+    assert s.multimask_clicks and bundled.multimask_clicks  # SAM's three masks for a click
     with pytest.raises(MedfmError, match="drop the checkpoint"):
         Segmenter.from_pretrained(folder, checkpoint=folder / "model.safetensors")
     with pytest.raises(MedfmError, match="neither a model name"):
@@ -233,3 +234,33 @@ def test_cuda_matches_cpu(seg, image):
     torch.testing.assert_close(
         out.logits, seg.predict(boxes=BOXES, multimask=True).logits, atol=1e-3, rtol=1e-3
     )
+
+
+def test_a_model_trained_with_one_output_for_clicks_keeps_it(tmp_path, monkeypatch):
+    """train_config.prompt.multimask = False in config.json: single clicks get the single output
+    in evaluation and volume prompting (the three outputs were not trained for them)."""
+    from medfm.seg.types import click_multimask
+    from medfm.seg.volume import segment_slice
+
+    train_config = {"prompt": {"multimask": False}}
+    folder = save_pretrained(
+        randomize_(build_medfm_tiny(), seed=4), tmp_path / "m", name="medfm-tiny",
+        extra={"train_config": train_config},
+    )  # fmt: skip
+    for s in (
+        Segmenter.from_pretrained(folder),
+        Segmenter.from_pretrained("medfm-tiny", folder),
+    ):
+        assert s.multimask_clicks is False and click_multimask(s) is False
+    monkeypatch.setattr(models, "BUNDLED_DIR", folder)
+    s = Segmenter.from_pretrained("medfm-tiny")
+    assert not s.multimask_clicks
+    asked = []
+    predict = s.predict
+    monkeypatch.setattr(s, "predict", lambda **kw: asked.append(kw["multimask"]) or predict(**kw))
+    img = np.zeros((32, 40), np.uint8)
+    segment_slice(s, img, points=[[5.0, 6.0]], labels=[1])
+    s.multimask_clicks = True
+    segment_slice(s, img, points=[[5.0, 6.0]], labels=[1])
+    segment_slice(s, img, points=[[5.0, 6.0], [9.0, 9.0]], labels=[1, 0])
+    assert asked == [False, True, False]
