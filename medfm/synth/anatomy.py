@@ -88,6 +88,13 @@ class AnatomyParams(BaseModel):
     n_labels: int
 
 
+def is_split_part(s: Structure) -> bool:
+    """Whether ``s`` is the second part of a structure cut in two (``p_split``): a large sphere
+    confined to the whole (``touches`` = ``container``), so its centre and radii are not those
+    of anything in the image."""
+    return s.touches >= 0 and s.touches == s.container
+
+
 def n_harmonics(ndim: int) -> int:
     """Number of monomials of degree 1..3 in ``ndim`` variables."""
     return sum(math.comb(ndim + d - 1, d) for d in (1, 2, 3))

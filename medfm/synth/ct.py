@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from medfm.kernels import gaussian_blur, gaussian_kernel1d, window
-from medfm.synth.anatomy import AnatomyParams
+from medfm.synth.anatomy import AnatomyParams, is_split_part
 from medfm.synth.rng import Draw, as_draw
 
 # tissue -> (HU low, HU high, texture spread in HU)
@@ -109,7 +109,11 @@ def sample_params(
 ) -> CTParams:
     """Draw the CT parameters of one case (``generator``: its parameter stream)."""
     draw = as_draw(generator)
-    bones = [s for s in anatomy.structures if s.tissue == "bone" and s.kind == "blob"]
+    bones = [
+        s
+        for s in anatomy.structures
+        if s.tissue == "bone" and s.kind == "blob" and not is_split_part(s)
+    ]
     bones.sort(key=lambda s: -math.prod(s.radii))
     streaks: list[tuple[float, float, float, float]] = []
     center: tuple[float, ...] = ()

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from medfm.kernels import fractal_field, gaussian_blur, smooth_field
-from medfm.synth.anatomy import AnatomyParams
+from medfm.synth.anatomy import AnatomyParams, is_split_part
 from medfm.synth.rng import Draw
 
 
@@ -65,7 +65,7 @@ def sample_texture(
     mixes = [0.0]
     grads: list[tuple[float, ...]] = [(0.0,) * ndim]
     for s in anatomy.structures:
-        if s.touches >= 0 and s.touches == s.container:
+        if is_split_part(s):
             # one part of a structure cut in two (anatomy's p_split): the part continues the
             # whole's intensity, texture and gradient (mean at the centre, hence the shift)
             w = s.touches + 1

@@ -5,7 +5,13 @@ import json
 
 import torch
 
-from medfm.synth.anatomy import TISSUES, AnatomyConfig, anatomy_noise_shape, render_anatomy
+from medfm.synth.anatomy import (
+    TISSUES,
+    AnatomyConfig,
+    anatomy_noise_shape,
+    is_split_part,
+    render_anatomy,
+)
 from medfm.synth.case import CaseParams, SynthConfig, render_cases, sample_case
 
 
@@ -202,3 +208,21 @@ def test_split_structures_are_two_abutting_labels_of_one_texture():
             x.touches < 0 or x.touches != x.container
             for x in sample_case(plain, "ct", (96, 96), 2, i).anatomy.structures
         )
+
+
+def test_ct_artifacts_come_from_real_bones_not_split_parts():
+    """A bone cut in two: its second part is a large sphere far outside the field, confined to
+    the bone; CT's streaks and beam hardening start at bones in the image, never at it."""
+    cfg = SynthConfig(anatomy=AnatomyConfig(n_labels=(2, 5), p_split=1.0, p_large=0.0))
+    checked = 0
+    for i in range(60):
+        case = sample_case(cfg, "ct", (64, 64), 6, i)
+        s = case.anatomy.structures
+        if not any(x.tissue == "bone" and is_split_part(x) for x in s):
+            continue
+        centers = [tuple(x.center[:2]) for x in s if x.tissue == "bone" and not is_split_part(x)]
+        assert tuple(case.physics.bone_center) in centers
+        beam = case.physics.beam
+        assert not beam or (tuple(beam[:2]) in centers and tuple(beam[2:4]) in centers)
+        checked += 1
+    assert checked >= 3
