@@ -57,6 +57,7 @@ __all__ = [
     "read_config",
     "save_pretrained",
     "spec_of",
+    "weights_for",
 ]
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "weights" / "medfm-tiny"
@@ -510,6 +511,14 @@ def load_pretrained(folder: str | os.PathLike) -> tuple[Sam, dict]:
     return model.eval(), config
 
 
+def weights_for(name: str, checkpoint: str | os.PathLike | None) -> str | os.PathLike | None:
+    """Where the weights of model ``name`` come from: ``checkpoint``, or for medfm-tiny without
+    one the folder bundled in the package (`BUNDLED_DIR`) when it is there; None: random."""
+    if checkpoint is None and name == "medfm-tiny" and (BUNDLED_DIR / WEIGHTS_NAME).is_file():
+        return BUNDLED_DIR
+    return checkpoint
+
+
 def build_model(
     name: str, checkpoint: str | os.PathLike | None = None, *, spec: SamSpec | None = None
 ) -> Sam:
@@ -523,16 +532,14 @@ def build_model(
       package has none.
     """
     model = build_architecture(name, spec)
+    checkpoint = weights_for(name, checkpoint)
     if checkpoint is None and name == "medfm-tiny":
-        if (BUNDLED_DIR / WEIGHTS_NAME).is_file():
-            checkpoint = BUNDLED_DIR
-        else:
-            warnings.warn(
-                f"medfm-tiny has no bundled weights ({BUNDLED_DIR} is missing): the model is "
-                "randomly initialised; train one (medfm run recipes/medfm_tiny.yaml) or pass a "
-                "checkpoint",
-                stacklevel=2,
-            )
+        warnings.warn(
+            f"medfm-tiny has no bundled weights ({BUNDLED_DIR} is missing): the model is "
+            "randomly initialised; train one (medfm run recipes/medfm_tiny.yaml) or pass a "
+            "checkpoint",
+            stacklevel=2,
+        )
     if checkpoint is not None:
         load_sam_checkpoint(model, checkpoint, name)
     return model.eval()

@@ -22,8 +22,14 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from medfm.errors import MedfmError
-from medfm.seg import models
-from medfm.seg.models import SEG_MODELS, build_model, load_pretrained, read_config
+from medfm.seg.models import (
+    CONFIG_NAME,
+    SEG_MODELS,
+    build_model,
+    load_pretrained,
+    read_config,
+    weights_for,
+)
 from medfm.seg.types import Prediction, to_rgb_uint8
 
 __all__ = ["Segmenter"]
@@ -89,13 +95,11 @@ class Segmenter:
         ``model/``)."""
         key = str(name_or_dir)
         if key in SEG_MODELS:
-            weights = (
-                models.BUNDLED_DIR if checkpoint is None and key == "medfm-tiny" else checkpoint
-            )
+            weights = weights_for(key, checkpoint)
             clicks = True
-            if weights is not None and (Path(weights) / "config.json").is_file():
+            if weights is not None and (Path(weights) / CONFIG_NAME).is_file():
                 clicks = _multimask_clicks(read_config(weights))
-            return cls(build_model(key, checkpoint), key, device, multimask_clicks=clicks)
+            return cls(build_model(key, weights), key, device, multimask_clicks=clicks)
         folder = Path(name_or_dir)
         if (folder / "model" / "config.json").is_file():
             folder = folder / "model"  # a training run's folder: its final model

@@ -79,7 +79,8 @@ class RunSpec(BaseModel):
         """A ``synth_run.json`` as written by any version: anatomy knobs it lacks (made before
         they existed) are read as ``ADDED_KNOBS``, the values that gave its cases."""
         raw = json.loads(text)
-        anatomy = raw.get("config", {}).get("anatomy") if isinstance(raw, dict) else None
+        config = raw.get("config") if isinstance(raw, dict) else None
+        anatomy = config.get("anatomy") if isinstance(config, dict) else None
         if isinstance(anatomy, dict):
             for knob, value in ADDED_KNOBS.items():
                 anatomy.setdefault(knob, value)

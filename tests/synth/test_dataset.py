@@ -220,3 +220,13 @@ def test_monai_shapes_ablation_set(tmp_path, nnunet_verify):
     again = tmp_path / "again"
     generate_monai_shapes(again, n=3, size=48, seed=1)
     assert tree(again) == tree(out)
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"config": [1, 2]}', "[]", '{"n": "x"}'])
+def test_an_unreadable_run_file_is_a_clear_error(tmp_path, text):
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "synth_run.json").write_text(text)
+    with pytest.raises(MedfmError, match="unreadable; use a new --out"):
+        generate_dataset(out, **{**SMALL, "n": 1})
+    assert (out / "synth_run.json").read_text() == text  # left as it was
