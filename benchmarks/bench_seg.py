@@ -14,8 +14,9 @@ the values):
 - ``prompts``: prompts/s of `Segmenter.predict(boxes=...)` with K box prompts per call, after
   one `set_image` of a random uint8 image (256 x 256 for medfm-tiny, 1024 x 1024 for vit_b).
 - ``encoder_latency``: medfm-tiny's ``image_encoder`` on one 256 x 256 image under
-  ``torch.inference_mode``, median and best of R runs (after 3 warm-up runs) in ms. Target
-  <= 50 ms (median) on 2 CPU cores.
+  ``torch.inference_mode``, median and best of R runs (after 3 warm-up runs) in ms, for the
+  default fused path (`medfm.seg.fused`: folded weights) and for the modules themselves
+  (``modules_*``). Target <= 50 ms (median) on 2 CPU cores.
 
     python benchmarks/bench_seg.py [--device cpu|cuda] [--threads 2] [--quick]
 
@@ -212,23 +213,31 @@ def prompts_bench(model: Sam, name: str, n_prompts: int, calls: int, device: tor
 
 
 def latency_bench(model: Sam, runs: int, device: torch.device) -> dict:
-    """model.image_encoder on one (1, 3, 256, 256) input: median and best of ``runs``, ms."""
+    """model.image_encoder on one (1, 3, 256, 256) input: median and best of ``runs``, ms, for
+    the default fused path (`medfm.seg.fused`) and, interleaved run by run so that both see the
+    same machine load, for the modules themselves (``fused = False``)."""
     model.eval()
+    enc = model.image_encoder
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0)).to(device)
-    times = []
+    times: dict[bool, list[float]] = {True: [], False: []}
     with torch.inference_mode():
         for i in range(3 + runs):
-            sync(device)
-            t0 = time.perf_counter()
-            model.image_encoder(x)
-            sync(device)
-            if i >= 3:  # 3 warm-up runs
-                times.append(time.perf_counter() - t0)
+            for fused in (True, False):
+                enc.fused = fused
+                sync(device)
+                t0 = time.perf_counter()
+                enc(x)
+                sync(device)
+                if i >= 3:  # 3 warm-up runs
+                    times[fused].append(time.perf_counter() - t0)
+    enc.fused = True
     return {
         "input": [1, 3, 256, 256],
         "runs": runs,
-        "median_ms": round(1000 * statistics.median(times), 2),
-        "best_ms": round(1000 * min(times), 2),
+        "median_ms": round(1000 * statistics.median(times[True]), 2),
+        "best_ms": round(1000 * min(times[True]), 2),
+        "modules_median_ms": round(1000 * statistics.median(times[False]), 2),
+        "modules_best_ms": round(1000 * min(times[False]), 2),
     }
 
 

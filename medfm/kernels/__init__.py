@@ -6,6 +6,7 @@ parameter is a python number or a tensor (B,) with one value per batch item.
 
 from medfm.kernels.bias import bias_field, n_bias_coeffs
 from medfm.kernels.blur import gaussian_blur, gaussian_kernel1d
+from medfm.kernels.conv import winograd_conv3x3, winograd_weights
 from medfm.kernels.intensity import normalize_percentiles, window, zscore
 from medfm.kernels.kspace import (
     fftn_c,
@@ -48,6 +49,8 @@ __all__ = [
     "undersample",
     "warp",
     "warp_labels",
+    "winograd_conv3x3",
+    "winograd_weights",
     "window",
     "zscore",
 ]

@@ -316,3 +316,69 @@ def test_medfm_tiny_encoder_shape_size_and_speed():
         torch.set_num_threads(threads)
     assert y.shape == (1, 256, 64, 64) and torch.isfinite(y).all()
     print(f"medfm-tiny encoder: {n_params / 1e6:.2f} M parameters, {min(times) * 1e3:.1f} ms")
+
+
+# ---------------------------------------------------------------------------------------------
+# medfm-tiny's fused inference path (medfm.seg.fused)
+
+
+def _random_encoder(seed: int) -> TinyImageEncoder:
+    enc = randomize_(build_medfm_tiny(), seed=seed, scale=0.2).image_encoder.eval()
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for bn in (m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) * 2 + 0.1)
+    return enc
+
+
+def _module_path(enc, x):
+    enc.fused = False  # the modules themselves
+    try:
+        with torch.no_grad():
+            return enc(x)
+    finally:
+        del enc.fused
+
+
+def test_fused_encoder_equals_modules():
+    enc = _random_encoder(3)
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    expected = _module_path(enc, x)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            got = enc(x[:, :, :, :])
+        assert enc.__dict__.get("_medfm_fused_plan") is not None  # the fused path ran
+        assert got.shape == expected.shape == (2, 256, 64, 64)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        # each image alone gives its row of the batch (no cross-talk in the folded neck)
+        with mode():
+            torch.testing.assert_close(enc(x[1:]), got[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_plan_follows_the_weights():
+    enc = _random_encoder(4)
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = enc(x)
+    enc.load_state_dict(_random_encoder(5).state_dict())  # in-place copy: new versions
+    with torch.no_grad():
+        after = enc(x)
+    assert not torch.allclose(before, after, atol=1e-3)
+    torch.testing.assert_close(after, _module_path(enc, x), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        enc.neck[1].weight.mul_(2.0)  # in-place change of the folded LayerNorm
+        torch.testing.assert_close(enc(x), _module_path(enc, x), atol=1e-4, rtol=1e-4)
+
+
+def test_training_mode_keeps_the_modules_and_gradients():
+    enc = _random_encoder(6)
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    enc.train()
+    with torch.no_grad():  # BatchNorm on batch statistics: no fold, the modules run
+        enc(x)
+    assert "_medfm_fused_plan" not in enc.__dict__
+    enc.eval()
+    enc(x).square().mean().backward()  # grad enabled in eval mode: modules, gradients flow
+    assert enc.neck[2].weight.grad is not None and enc.stem[0][0].weight.grad.abs().sum() > 0
+    assert "_medfm_fused_plan" not in enc.__dict__ and "_medfm_fused_plan" not in enc.state_dict()
