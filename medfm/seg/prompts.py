@@ -114,23 +114,32 @@ def _index_to_xy(idx: torch.Tensor, width: int) -> torch.Tensor:
     return torch.stack([idx % width, idx // width], dim=-1).float()
 
 
-def _edt_argmax(regions: torch.Tensor) -> torch.Tensor:
+def _edt_argmax(regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The innermost pixel of each region: regions (N, H, W) bool -> (index (N,), dist (N,)).
 
     Euclidean distance transform (scipy, on the CPU) with the image border counting as outside
     (RITM / SAM evaluation convention); the first maximum in raster order (row-major) wins a
-    tie. An empty region gives index 0 and distance 0. All N slices go through one scipy call:
-    the slice axis gets a spacing larger than any in-slice distance, so slices do not interact.
+    tie. An empty region gives index 0 and distance 0. Each region's transform is taken on its
+    bounding box grown by one pixel (background, or the image border), which holds the nearest
+    outside pixel of every inside pixel (clamping a pixel to that box moves it closer to any
+    pixel inside), so the distances are the full image's, at the cost of the box.
     """
     n, h, w = regions.shape
-    if n == 0:
-        z = torch.zeros(0, device=regions.device)
-        return z.long(), z
-    arr = np.pad(regions.cpu().numpy(), ((0, 0), (1, 1), (1, 1)))
-    dist = ndimage.distance_transform_edt(arr, sampling=(float(h + w + 4), 1.0, 1.0))
-    dist = torch.from_numpy(np.ascontiguousarray(dist[:, 1:-1, 1:-1])).reshape(n, h * w)
-    best, idx = dist.max(dim=1)  # first maximum on ties
-    return idx.to(regions.device), best.to(regions.device, torch.float32)
+    best = torch.zeros(n, dtype=torch.float32)
+    index = torch.zeros(n, dtype=torch.long)
+    if n:
+        box, empty = _box_extent(regions)
+        arr = regions.cpu().numpy()
+        for i, (x0, y0, x1, y1) in enumerate(box.tolist()):
+            if bool(empty[i]):
+                continue
+            crop = np.pad(arr[i, y0 : y1 + 1, x0 : x1 + 1], 1)
+            dist = ndimage.distance_transform_edt(crop)[1:-1, 1:-1]
+            k = int(np.argmax(dist))  # first maximum on ties, in the crop's (and the image's)
+            cy, cx = divmod(k, dist.shape[1])  # raster order
+            best[i] = float(dist[cy, cx])
+            index[i] = (y0 + cy) * w + x0 + cx
+    return index.to(regions.device), best.to(regions.device)
 
 
 # --------------------------------------------------------------------------- boxes
@@ -493,7 +502,11 @@ def sample_prompts(
     used = used & ~has_box[:, None]
     if cfg.center_prob > 0:
         center = _rand((n,), generator, device) < cfg.center_prob
-        idx, _ = _edt_argmax(masks)
+        # the transform only where the click is used (no draw depends on it)
+        need = torch.nonzero(center & ~has_box).flatten()
+        idx = torch.zeros(n, dtype=torch.long, device=device)
+        idx[need] = _edt_argmax(masks[need])[0]
+        center = center & ~has_box
         points[:, 0] = torch.where(center[:, None], _index_to_xy(idx, w), points[:, 0])
         # the innermost pixel may repeat a uniform positive: drop that one
         same = (points[:, 1:pos_hi] == points[:, :1]).all(dim=-1) & center[:, None]

@@ -231,35 +231,57 @@ def decode(
     embeddings (B, C, h, w); image_index (N,); prompt coordinates in LOWRES pixels (scaled by
     ``scale`` to the model input); mask_input (N, 1, LOWRES, LOWRES) logits or None.
     Returns logits (N, K, LOWRES, LOWRES) and iou predictions (N, K), K = 3 with multimask.
-    SAM's decoder takes one image per call: prompts are grouped by image and by box/point.
+    SAM's prompt encoder takes the same kind of prompt for every row of a call, so the prompts
+    are decoded in at most three groups (box, box + points, points), each one decoder pass over
+    the prompts of all images together (`decode_rows`): what SAM's decoder gives each prompt
+    alone, with a few large kernels instead of two small calls per image.
     """
     n = len(prompts)
     k = 3 if multimask else 1
     logits = embeddings.new_zeros((n, k, LOWRES, LOWRES))
     ious = embeddings.new_zeros((n, k))
     pe = model.prompt_encoder.get_dense_pe()
-    for b in torch.unique(image_index).tolist():
-        for with_box in (True, False):
-            sel = torch.nonzero((image_index == b) & (prompts.has_box == with_box)).flatten()
-            if sel.numel() == 0:
-                continue
-            p = prompts.subset(sel)
-            pts = (p.points * scale, p.labels) if bool((p.labels >= 0).any()) else None
-            sparse, dense = model.prompt_encoder(
-                points=pts,
-                boxes=p.boxes * scale if with_box else None,
-                masks=None if mask_input is None else mask_input[sel],
-            )
-            low, iou = model.mask_decoder(
-                image_embeddings=embeddings[b : b + 1],
-                image_pe=pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-            )
-            logits = logits.index_copy(0, sel, low.float())
-            ious = ious.index_copy(0, sel, iou.float())
+    has_points = prompts.n_points > 0
+    for with_box, with_points in ((True, False), (True, True), (False, True)):
+        sel = torch.nonzero((prompts.has_box == with_box) & (has_points == with_points))
+        sel = sel.flatten()
+        if sel.numel() == 0:
+            continue
+        p = prompts.subset(sel)
+        sparse, dense = model.prompt_encoder(
+            points=(p.points * scale, p.labels) if with_points else None,
+            boxes=p.boxes * scale if with_box else None,
+            masks=None if mask_input is None else mask_input[sel],
+        )
+        low, iou = decode_rows(model.mask_decoder, embeddings[image_index[sel]] + dense, pe, sparse)
+        out = slice(1, None) if multimask else slice(0, 1)  # as MaskDecoder.forward picks
+        logits = logits.index_copy(0, sel, low[:, out].float())
+        ious = ious.index_copy(0, sel, iou[:, out].float())
     return logits, ious
+
+
+def decode_rows(
+    decoder, src: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """segment-anything's ``MaskDecoder.predict_masks`` with one image embedding per prompt.
+
+    src (N, C, h, w) is each prompt's image embedding plus its dense prompt embedding (where
+    ``predict_masks`` repeats one image's embedding N times); sparse (N, T, C). Returns all
+    mask outputs (N, 1 + num_multimask_outputs, 4h, 4w) and their IoU predictions.
+    """
+    n, c, h, w = src.shape
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
+    hs, src = decoder.transformer(src, image_pe.expand(n, -1, -1, -1), tokens)
+    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))
+    hyper_in = torch.stack(
+        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
+        dim=1,
+    )
+    b, c, h, w = upscaled.shape
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    return masks, decoder.iou_prediction_head(hs[:, 0, :])
 
 
 def prompted_loss(
@@ -377,12 +399,20 @@ class Trainer:
         return self.model.image_encoder(self._preprocess(images))
 
     def _preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """SAM's resize (longest side to the input size), normalisation and padding, one
+        batch. An image whose longest side is already the input size is not resized (PIL's
+        resize to the same size is a copy); images of one shape go to the device together."""
         from segment_anything.utils.transforms import ResizeLongestSide
 
         t = ResizeLongestSide(self.image_size)
+        resized = [im if max(im.shape[:2]) == self.image_size else t.apply_image(im)
+                   for im in images]  # fmt: skip
+        if len({im.shape for im in resized}) == 1:
+            x = torch.from_numpy(np.stack(resized)).to(self.device).permute(0, 3, 1, 2)
+            return self.model.preprocess(x.float())
         batch = []
-        for im in images:
-            x = torch.as_tensor(t.apply_image(im), device=self.device).permute(2, 0, 1).float()
+        for im in resized:
+            x = torch.as_tensor(im, device=self.device).permute(2, 0, 1).float()
             batch.append(self.model.preprocess(x[None])[0])
         return torch.stack(batch)
 

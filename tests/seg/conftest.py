@@ -46,8 +46,12 @@ def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.
 
 
 def tiny_sam(spec: SamSpec = TINY_SPEC, seed: int = 0) -> Sam:
-    """A tiny SAM ViT with seeded random weights (eval mode)."""
-    return randomize_(build_sam_vit(spec), seed).eval()
+    """A tiny SAM ViT with seeded random weights (eval mode): the same for the same seed (the
+    modules' own initialisation draws from torch's global generator, forked here)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_sam_vit(spec)
+    return randomize_(model, seed).eval()
 
 
 @pytest.fixture

@@ -265,3 +265,66 @@ def test_low_resolution_images_are_drawn_per_step(synth, tmp_path):
     plain = Trainer(_cfg(synth, tmp_path / "b", train_encoder=True))
     assert plain.augmented_images([0], 3)[0] is plain.data.images[0]
     assert np.array_equal(t.data.images[0], stored)  # the stored images are left as they were
+
+
+def test_batched_decode_gives_each_prompt_what_sams_decoder_gives_it_alone():
+    from medfm.seg.models import build_architecture
+    from medfm.seg.prompts import Prompts
+    from medfm.seg.train import LOWRES, decode
+
+    torch.manual_seed(0)
+    model = build_architecture("medfm-tiny").eval()
+    emb = torch.randn(3, 256, 64, 64)
+    # five prompts on three images: box, box + 2 points, 1 point, 2 points (one padding),
+    # box with only a padding point (decoded as a box alone)
+    image_index = torch.tensor([0, 2, 1, 2, 0])
+    has_box = torch.tensor([True, True, False, False, True])
+    boxes = torch.tensor([[10.0, 20, 90, 120], [5, 5, 200, 180], [0, 0, 0, 0], [0, 0, 0, 0],
+                          [40, 30, 60, 250]])  # fmt: skip
+    points = torch.rand(5, 2, 2, generator=torch.Generator().manual_seed(1)) * LOWRES
+    labels = torch.tensor([[-1, -1], [1, 0], [1, -1], [1, 1], [-1, -1]])
+    prompts = Prompts(boxes, has_box, points, labels)
+    masks_in = torch.randn(5, 1, LOWRES, LOWRES)
+    scale = 4.0  # LOWRES coordinates to a 1024 input frame
+    for mask_input in (None, masks_in):
+        for multimask in (False, True):
+            with torch.no_grad():
+                logits, iou = decode(model, emb, image_index, prompts, mask_input, multimask, scale)
+            assert logits.shape == (5, 3 if multimask else 1, LOWRES, LOWRES)
+            for i in range(5):
+                # padding points (label -1) are SAM's not-a-point tokens, as in a batch
+                pts = (points[i : i + 1] * scale, labels[i : i + 1])
+                with torch.no_grad():
+                    sparse, dense = model.prompt_encoder(
+                        points=pts if bool((labels[i] >= 0).any()) else None,
+                        boxes=boxes[i : i + 1] * scale if has_box[i] else None,
+                        masks=None if mask_input is None else mask_input[i : i + 1],
+                    )
+                    ref, ref_iou = model.mask_decoder(
+                        emb[image_index[i] : image_index[i] + 1],
+                        model.prompt_encoder.get_dense_pe(), sparse, dense, multimask,
+                    )  # fmt: skip
+                torch.testing.assert_close(logits[i], ref[0], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(iou[i], ref_iou[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cuda_bf16_training_step_matches_the_cpu_step(synth, tmp_path):
+    # the same step (same images, prompts and initial weights) on CUDA under bf16 autocast and
+    # on the CPU in float32: the losses agree to bf16 precision, and so do the gradients
+    kw = dict(train_encoder=True, steps=1, batch=2, prompts_per_image=2, loss="dice_ce")
+    cpu = Trainer(_cfg(synth, tmp_path / "cpu", **kw))
+    gpu = Trainer(_cfg(synth, tmp_path / "gpu", device="cuda", **kw))
+    assert gpu._amp() and not cpu._amp()
+    m_cpu, m_gpu = cpu.train_step(0), gpu.train_step(0)
+    assert np.isfinite(m_gpu["loss"])
+    assert m_gpu["loss"] == pytest.approx(m_cpu["loss"], rel=0.03)
+    grads = dict(cpu.model.named_parameters())
+    for prefix in ("image_encoder.", "mask_decoder."):
+        pairs = [(grads[k].grad, p.grad.cpu()) for k, p in gpu.model.named_parameters()
+                 if k.startswith(prefix) and p.grad is not None]  # fmt: skip
+        a = torch.cat([x.flatten() for x, _ in pairs])
+        b = torch.cat([y.flatten() for _, y in pairs])
+        assert b.dtype == torch.float32  # autocast keeps the weights and gradients in fp32
+        assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.95, prefix
