@@ -212,9 +212,10 @@ class TinyImageEncoder(nn.Module):
     blocks at 64x64 (64 channels), 32x32 (128) and 16x16 (192, dilations 1, 2, 4, 8, then one
     global self-attention layer over the 256 positions), merged top-down onto 64x64 and finished
     by a neck like SAM's (1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d) to 256 channels.
-    About 2.1 M parameters. In eval mode without gradients it runs `medfm.seg.fused`'s folded
-    weights (BatchNorm into convolutions, the neck's LayerNorm into its 3x3 conv): ~50 ms per
-    image on 2 CPU threads of an AVX2 machine, where the modules take ~85 ms. ``img_size`` is
+    About 2.1 M parameters. On the CPU, in eval mode without gradients, it runs
+    `medfm.seg.fused`'s folded weights (BatchNorm into convolutions, the neck's LayerNorm into
+    its 3x3 conv): ~50 ms per image on 2 CPU threads of an AVX2 machine, where the modules take
+    ~85 ms. ``img_size`` is
     read by ``Sam.preprocess`` (pads to it) and ``ResizeLongestSide``.
     """
 
@@ -242,7 +243,7 @@ class TinyImageEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x Bx3x256x256 (normalised, padded) -> Bx256x64x64."""
-        if use_fused(self):
+        if use_fused(self, x):
             return fused_forward(self, x)
         f1 = self.stage1(self.stem(x))
         f2 = self.stage2(self.down2(f1))

@@ -382,3 +382,13 @@ def test_training_mode_keeps_the_modules_and_gradients():
     enc(x).square().mean().backward()  # grad enabled in eval mode: modules, gradients flow
     assert enc.neck[2].weight.grad is not None and enc.stem[0][0].weight.grad.abs().sum() > 0
     assert "_medfm_fused_plan" not in enc.__dict__ and "_medfm_fused_plan" not in enc.state_dict()
+
+
+def test_fused_path_is_taken_on_the_cpu_only():
+    from medfm.seg.fused import use_fused
+
+    enc = _random_encoder(4)
+    with torch.no_grad():
+        assert use_fused(enc, torch.zeros(1, 3, 8, 8))
+        assert not use_fused(enc, torch.zeros(1, 3, 8, 8, device="meta"))  # CUDA, MPS, ...
+    assert not use_fused(enc, torch.zeros(1, 3, 8, 8))  # gradients recorded
