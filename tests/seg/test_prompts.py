@@ -204,6 +204,29 @@ def test_refinement_uniform_label_proportional_to_area():
     assert abs(frac - 0.75) < 0.04
 
 
+def test_innermost_pixel_on_each_masks_box_equals_the_full_image_transform():
+    # the transform is taken on each mask's box grown by one pixel: same distances, same
+    # first maximum in raster order, as scipy's on the whole image with its border outside
+    import numpy as np
+    from scipy import ndimage
+
+    from medfm.seg.prompts import _edt_argmax
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        coarse = torch.rand(20, 1, 12, 17, generator=g)
+        level = 0.4 + 0.3 * torch.rand(20, 1, 1, generator=g)
+        masks = torch.nn.functional.interpolate(coarse, size=(60, 85), mode="bilinear")[:, 0]
+        masks = masks > level  # blobs, several parts, many touching the border
+        masks[3], masks[4] = False, True  # empty, full
+        idx, dist = _edt_argmax(masks)
+        full = ndimage.distance_transform_edt(
+            np.pad(masks.numpy(), ((0, 0), (1, 1), (1, 1))), sampling=(1000.0, 1.0, 1.0)
+        )[:, 1:-1, 1:-1].reshape(20, -1)
+        assert torch.equal(idx, torch.from_numpy(full.argmax(axis=1)))
+        torch.testing.assert_close(dist, torch.from_numpy(full.max(axis=1)).float())
+
+
 def test_refinement_center_picks_innermost_error():
     target = torch.zeros(2, H, W, dtype=torch.bool)
     pred = torch.zeros(2, H, W, dtype=torch.bool)
