@@ -32,4 +32,4 @@ def test_the_ablation_trains_exactly_like_medfm_tiny():
         return [c.model_dump(exclude={"data", "out", "checkpoint"}) for c in cfgs]
 
     tiny = train_steps("medfm_tiny.yaml")
-    assert len(tiny) == 5 and tiny == train_steps("medfm_tiny_ablation_monai.yaml")
+    assert len(tiny) == 7 and tiny == train_steps("medfm_tiny_ablation_monai.yaml")
