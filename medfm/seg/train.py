@@ -230,16 +230,17 @@ def decode(
 
     embeddings (B, C, h, w); image_index (N,); prompt coordinates in LOWRES pixels (scaled by
     ``scale`` to the model input); mask_input (N, 1, LOWRES, LOWRES) logits or None.
-    Returns logits (N, K, LOWRES, LOWRES) and iou predictions (N, K), K = 3 with multimask.
-    SAM's prompt encoder takes the same kind of prompt for every row of a call, so the prompts
-    are decoded in at most three groups (box, box + points, points), each one decoder pass over
-    the prompts of all images together (`decode_rows`): what SAM's decoder gives each prompt
-    alone, with a few large kernels instead of two small calls per image.
+    Returns float32 logits (N, K, LOWRES, LOWRES) and iou predictions (N, K), K = 3 with
+    multimask. SAM's prompt encoder takes the same kind of prompt for every row of a call, so
+    the prompts are decoded in at most three groups (box, box + points, points), each one
+    decoder pass over the prompts of all images together (`decode_rows`): what SAM's decoder
+    gives each prompt alone, with a few large kernels instead of two small calls per image.
     """
     n = len(prompts)
     k = 3 if multimask else 1
-    logits = embeddings.new_zeros((n, k, LOWRES, LOWRES))
-    ious = embeddings.new_zeros((n, k))
+    # float32 also under bf16 autocast, where the embeddings may be bf16: the loss reads these
+    logits = embeddings.new_zeros((n, k, LOWRES, LOWRES), dtype=torch.float32)
+    ious = embeddings.new_zeros((n, k), dtype=torch.float32)
     pe = model.prompt_encoder.get_dense_pe()
     has_points = prompts.n_points > 0
     for with_box, with_points in ((True, False), (True, True), (False, True)):

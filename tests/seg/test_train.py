@@ -306,6 +306,12 @@ def test_batched_decode_gives_each_prompt_what_sams_decoder_gives_it_alone():
                     )  # fmt: skip
                 torch.testing.assert_close(logits[i], ref[0], atol=1e-4, rtol=1e-4)
                 torch.testing.assert_close(iou[i], ref_iou[0], atol=1e-5, rtol=1e-4)
+    # bf16 embeddings (an encoder under autocast): the logits the loss reads stay float32
+    with torch.no_grad():
+        low, iou_low = decode(model, emb.bfloat16(), image_index, prompts, None, False, scale)
+        full, _ = decode(model, emb, image_index, prompts, None, False, scale)
+    assert low.dtype == iou_low.dtype == torch.float32
+    assert float((low - full).abs().max()) < 0.05 * float(full.abs().max())
 
 
 @pytest.mark.gpu
