@@ -215,8 +215,7 @@ class TinyImageEncoder(nn.Module):
     About 2.1 M parameters. On the CPU, in eval mode without gradients, it runs
     `medfm.seg.fused`'s folded weights (BatchNorm into convolutions, the neck's LayerNorm into
     its 3x3 conv): ~50 ms per image on 2 CPU threads of an AVX2 machine, where the modules take
-    ~85 ms. ``img_size`` is
-    read by ``Sam.preprocess`` (pads to it) and ``ResizeLongestSide``.
+    ~85 ms. ``img_size`` is read by ``Sam.preprocess`` (pads to it) and ``ResizeLongestSide``.
     """
 
     img_size = 256

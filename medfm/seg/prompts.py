@@ -128,10 +128,12 @@ def _edt_argmax(regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     best = torch.zeros(n, dtype=torch.float32)
     index = torch.zeros(n, dtype=torch.long)
     if n:
-        box, empty = _box_extent(regions)
-        arr = regions.cpu().numpy()
-        for i, (x0, y0, x1, y1) in enumerate(box.tolist()):
-            if bool(empty[i]):
+        cpu = regions.cpu()  # scipy runs here: one copy, no per-row device reads
+        box, empty = _box_extent(cpu)
+        arr = cpu.numpy()
+        rows = zip(box.tolist(), empty.tolist(), strict=True)
+        for i, ((x0, y0, x1, y1), skip) in enumerate(rows):
+            if skip:
                 continue
             crop = np.pad(arr[i, y0 : y1 + 1, x0 : x1 + 1], 1)
             dist = ndimage.distance_transform_edt(crop)[1:-1, 1:-1]
@@ -501,12 +503,12 @@ def sample_prompts(
     )
     used = used & ~has_box[:, None]
     if cfg.center_prob > 0:
-        center = _rand((n,), generator, device) < cfg.center_prob
-        # the transform only where the click is used (no draw depends on it)
-        need = torch.nonzero(center & ~has_box).flatten()
+        # a box prompt uses no click: the transform only where the click is used (no draw
+        # depends on it)
+        center = (_rand((n,), generator, device) < cfg.center_prob) & ~has_box
+        need = torch.nonzero(center).flatten()
         idx = torch.zeros(n, dtype=torch.long, device=device)
         idx[need] = _edt_argmax(masks[need])[0]
-        center = center & ~has_box
         points[:, 0] = torch.where(center[:, None], _index_to_xy(idx, w), points[:, 0])
         # the innermost pixel may repeat a uniform positive: drop that one
         same = (points[:, 1:pos_hi] == points[:, :1]).all(dim=-1) & center[:, None]

@@ -244,8 +244,7 @@ def decode(
     pe = model.prompt_encoder.get_dense_pe()
     has_points = prompts.n_points > 0
     for with_box, with_points in ((True, False), (True, True), (False, True)):
-        sel = torch.nonzero((prompts.has_box == with_box) & (has_points == with_points))
-        sel = sel.flatten()
+        sel = torch.nonzero((prompts.has_box == with_box) & (has_points == with_points))[:, 0]
         if sel.numel() == 0:
             continue
         p = prompts.subset(sel)
