@@ -22,6 +22,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from medfm.errors import MedfmError
+from medfm.seg.decoder import decode_rows
 from medfm.seg.models import (
     CONFIG_NAME,
     SEG_MODELS,
@@ -281,12 +282,9 @@ class Segmenter:
         if mask_input is not None:
             mask_input = mask_input.to(device, torch.float)
         sparse, dense = model.prompt_encoder(points=pts, boxes=box_t, masks=mask_input)
-        low_res, iou = model.mask_decoder(
-            image_embeddings=embedding,
-            image_pe=model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
+        out = slice(1, None) if multimask else slice(0, 1)  # as MaskDecoder.forward picks
+        low_res, iou = decode_rows(
+            model.mask_decoder, embedding + dense, model.prompt_encoder.get_dense_pe(), sparse, out
         )  # (n, 1 or 3, h, w), (n, 1 or 3)
         best = iou.argmax(dim=1)
         rows = torch.arange(len(iou), device=iou.device)

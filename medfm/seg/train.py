@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from medfm.errors import MedfmError
 from medfm.io import atomic_write_text, iter_dataset, read_dataset_json
+from medfm.seg.decoder import decode_rows
 from medfm.seg.losses import dice_loss_only, sam_loss
 from medfm.seg.prompts import (
     PromptConfig,
@@ -253,35 +254,13 @@ def decode(
             boxes=p.boxes * scale if with_box else None,
             masks=None if mask_input is None else mask_input[sel],
         )
-        low, iou = decode_rows(model.mask_decoder, embeddings[image_index[sel]] + dense, pe, sparse)
         out = slice(1, None) if multimask else slice(0, 1)  # as MaskDecoder.forward picks
-        logits = logits.index_copy(0, sel, low[:, out].float())
-        ious = ious.index_copy(0, sel, iou[:, out].float())
+        low, iou = decode_rows(
+            model.mask_decoder, embeddings[image_index[sel]] + dense, pe, sparse, out
+        )
+        logits = logits.index_copy(0, sel, low.float())
+        ious = ious.index_copy(0, sel, iou.float())
     return logits, ious
-
-
-def decode_rows(
-    decoder, src: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """segment-anything's ``MaskDecoder.predict_masks`` with one image embedding per prompt.
-
-    src (N, C, h, w) is each prompt's image embedding plus its dense prompt embedding (where
-    ``predict_masks`` repeats one image's embedding N times); sparse (N, T, C). Returns all
-    mask outputs (N, 1 + num_multimask_outputs, 4h, 4w) and their IoU predictions.
-    """
-    n, c, h, w = src.shape
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
-    hs, src = decoder.transformer(src, image_pe.expand(n, -1, -1, -1), tokens)
-    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))
-    hyper_in = torch.stack(
-        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
-        dim=1,
-    )
-    b, c, h, w = upscaled.shape
-    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-    return masks, decoder.iou_prediction_head(hs[:, 0, :])
 
 
 def prompted_loss(

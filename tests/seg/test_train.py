@@ -314,6 +314,34 @@ def test_batched_decode_gives_each_prompt_what_sams_decoder_gives_it_alone():
     assert float((low - full).abs().max()) < 0.05 * float(full.abs().max())
 
 
+def test_upscaled_masks_match_sams_upscaling_modules_in_values_and_gradients():
+    from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+
+    from medfm.seg.decoder import upscaled_masks
+
+    torch.manual_seed(0)
+    decoder = MaskDecoder(
+        transformer_dim=64, transformer=TwoWayTransformer(depth=1, embedding_dim=64, mlp_dim=32,
+                                                          num_heads=2)
+    )  # fmt: skip
+    ups = decoder.output_upscaling
+    for p in ups.parameters():  # non-trivial norm weights and biases too
+        p.data.normal_(0, 0.3)
+    n, h, w = 3, 5, 7  # a non-square grid catches swapped axes
+    src = torch.randn(n, h * w, 64, requires_grad=True)
+    hyper = torch.randn(n, 2, 8, requires_grad=True)
+    up = ups(src.transpose(1, 2).reshape(n, 64, h, w))
+    ref = (hyper @ up.flatten(2)).view(n, 2, 4 * h, 4 * w)
+    out = upscaled_masks(ups, src, hyper, (h, w))
+    assert out.shape == (n, 2, 4 * h, 4 * w)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ref)
+    wrt = [src, hyper, *ups.parameters()]
+    for a, b in zip(torch.autograd.grad((ref * g).sum(), wrt),
+                    torch.autograd.grad((out * g).sum(), wrt), strict=True):  # fmt: skip
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_cuda_bf16_training_step_matches_the_cpu_step(synth, tmp_path):
