@@ -30,7 +30,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medfm.kernels import smooth_field
 from medfm.synth.rng import Draw
@@ -55,9 +55,32 @@ class AnatomyConfig(BaseModel):
     p_large: float = Field(0.25, ge=0, le=1)
     p_split: float = Field(0.15, ge=0, le=1)
     large_size: tuple[float, float] = (0.4, 0.75)
+    # walls (p_rim): the cavity's tissues, the wall's thickness as a fraction of its radius, and
+    # the wall's tissues (empty: the label's tissue). A skull around its brain is a thin bright
+    # wall ("bone" in CT and MRI; "enhanced" in ultrasound, where a fetal skull lets the beam
+    # through) whose inside can look like the tissue around it ("soft", "muscle"): only the
+    # ring tells where the head ends.
+    rim_cavity_tissues: tuple[str, ...] = ("fluid", "organ", "enhanced")
+    rim_shell: tuple[float, float] = (0.12, 0.3)
+    rim_wall_tissues: tuple[str, ...] = ()
     wobble: float = Field(0.18, ge=0, le=1)
     deform: tuple[float, float] = (0.0, 0.08)
     min_voxels: int = 12
+
+    @field_validator("rim_cavity_tissues", "rim_wall_tissues")
+    @classmethod
+    def _known_tissues(cls, v: tuple[str, ...], info) -> tuple[str, ...]:
+        unknown = [t for t in v if t not in TISSUES]
+        if (not v and info.field_name == "rim_cavity_tissues") or unknown:
+            raise ValueError(f"give one or more of {', '.join(TISSUES)}; got {list(v)}")
+        return v
+
+    @field_validator("rim_shell")
+    @classmethod
+    def _shell_fraction(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] < 1:
+            raise ValueError(f"a wall's thickness is a fraction 0 < low <= high < 1, got {v}")
+        return v
 
 
 class Structure(BaseModel):
@@ -363,10 +386,13 @@ def sample_anatomy(
         elif u < cfg.p_tube + cfg.p_nested + cfg.p_rim:
             filled = draw.bernoulli(cfg.p_filled)
             cavity = blob(
-                draw.choice(["fluid", "organ", "enhanced"]), label if filled else 0, large=big
+                draw.choice(list(cfg.rim_cavity_tissues)), label if filled else 0, large=big
             )
             structs.append(cavity)
-            wall = dict(cavity, tissue=tissue, label=label, shell=draw.uniform(0.12, 0.3))
+            wall = dict(cavity, tissue=tissue, label=label, shell=draw.uniform(*cfg.rim_shell))
+            # no rim_wall_tissues draws nothing, so configs without them give the cases they gave
+            if cfg.rim_wall_tissues:
+                wall["tissue"] = draw.choice(list(cfg.rim_wall_tissues))
             structs.append(wall)
             if filled:
                 add_parts(len(structs) - 2, label, wall["shell"])

@@ -226,3 +226,40 @@ def test_ct_artifacts_come_from_real_bones_not_split_parts():
         assert not beam or (tuple(beam[:2]) in centers and tuple(beam[2:4]) in centers)
         checked += 1
     assert checked >= 3
+
+
+def test_walls_take_their_tissues_and_thickness_from_the_rim_knobs():
+    """A skull-like wall: its tissue from rim_wall_tissues, its cavity's from
+    rim_cavity_tissues, its thickness within rim_shell; the label covers wall and cavity."""
+    import pytest
+    from pydantic import ValidationError
+
+    cfg = SynthConfig(
+        anatomy=AnatomyConfig(
+            n_labels=(1, 1), p_tube=0.0, p_nested=0.0, p_rim=1.0, p_filled=1.0, p_parts=0.0,
+            p_large=0.0, p_split=0.0, rim_cavity_tissues=("soft",), rim_shell=(0.04, 0.06),
+            rim_wall_tissues=("enhanced",),
+        )
+    )  # fmt: skip
+    shown = 0
+    for i in range(6):
+        case = sample_case(cfg, "us", (96, 96), 3, i)
+        s = case.anatomy.structures
+        walls = [x for x in s if x.label == 1 and x.shell > 0]
+        cavities = [x for x in s if x.label == 1 and x.shell == 0]
+        assert len(walls) == len(cavities) == 1
+        assert walls[0].tissue == "enhanced" and cavities[0].tissue == "soft"
+        assert 0.04 <= walls[0].shell <= 0.06
+        assert walls[0].center == cavities[0].center and walls[0].radii == cavities[0].radii
+        shown += int((render_cases([case]).label[0] == 1).any())
+    assert shown >= 4  # (an object can fall outside the ultrasound sector)
+    # without the knobs, the wall is of the label's tissue and the cavity as it always was
+    plain = AnatomyConfig(n_labels=(1, 1), p_tube=0.0, p_nested=0.0, p_rim=1.0, p_split=0.0)
+    cavity = {x.tissue for i in range(12)
+              for x in sample_case(SynthConfig(anatomy=plain), "ct", (64, 64), 4, i)
+              .anatomy.structures if x.label == 1 and x.shell == 0}  # fmt: skip
+    assert cavity <= {"fluid", "organ", "enhanced"}
+    for bad in ({"rim_cavity_tissues": ()}, {"rim_wall_tissues": ("skull",)},
+                {"rim_shell": (0.3, 0.1)}, {"rim_shell": (0.0, 0.2)}):  # fmt: skip
+        with pytest.raises(ValidationError):
+            AnatomyConfig(**bad)
