@@ -59,6 +59,7 @@ class EvaluateArgs(BaseModel):
     out: str
     overlays: str | None = None
     device: str = "cpu"
+    mirror: bool = Field(False, description="test-time mirroring (medfm seg evaluate --mirror)")
     skip_missing: bool = Field(True, description="skip (with a message) when data is absent")
 
 
@@ -165,7 +166,7 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=N
                     continue
                 raise MedfmError(f"evaluation data {a.data} not found")
             log(f"[{i}/{len(recipe.steps)}] evaluate {a.model} on {a.data} ({a.prompt})")
-            predictor = load_predictor(a.model, a.checkpoint, device=a.device)
+            predictor = load_predictor(a.model, a.checkpoint, device=a.device, mirror=a.mirror)
             report = evaluate(
                 predictor, a.data, a.prompt, overlays=Path(a.overlays) if a.overlays else None
             )

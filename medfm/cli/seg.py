@@ -60,6 +60,14 @@ def seg_evaluate(
     max_cases: Annotated[
         int | None, typer.Option("--max-cases", help="Evaluate the first N cases only.")
     ] = None,
+    mirror: Annotated[
+        bool,
+        typer.Option(
+            "--mirror",
+            help="Test-time mirroring (nnU-Net's): also predict on the image flipped "
+            "left-right and average the probabilities.",
+        ),
+    ] = False,
 ) -> None:
     """Dice and surface Dice of a model with one prompt per label and image (DESIGN.md)."""
     from medfm.cli.progress import progress_bar
@@ -76,7 +84,7 @@ def seg_evaluate(
     list_eval_cases(data, max_cases)
     if out.is_dir():
         raise MedfmError(f"--out {out} is a folder; give a file name such as report.json")
-    predictor = load_predictor(model, checkpoint, device=device)
+    predictor = load_predictor(model, checkpoint, device=device, mirror=mirror)
     with progress_bar() as bar:
         task = bar.add_task(f"evaluating {model}", total=None)
         report = evaluate(
@@ -215,6 +223,14 @@ def seg_predict(
     model: Annotated[str, typer.Option("--model", "-m")] = "medfm-tiny",
     checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    mirror: Annotated[
+        bool,
+        typer.Option(
+            "--mirror",
+            help="Test-time mirroring (nnU-Net's): also predict on the image flipped "
+            "left-right and average the probabilities.",
+        ),
+    ] = False,
 ) -> None:
     """Segment an image from box or point prompts; object i gets label i in the output."""
     import numpy as np
@@ -247,7 +263,7 @@ def seg_predict(
         pixels = data.numpy() if data.shape[0] == 3 else data[0].numpy()
         pixels = np.moveaxis(pixels, 0, -1) if pixels.ndim == 3 else pixels
         h, w = pixels.shape[:2]
-    predictor = load_predictor(model, checkpoint, device=device)
+    predictor = load_predictor(model, checkpoint, device=device, mirror=mirror)
     label = np.zeros(pixels.shape[:2] if not three_d else (h, w, depth), dtype=np.uint8)
 
     if box:

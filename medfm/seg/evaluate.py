@@ -194,16 +194,21 @@ def list_eval_cases(data_dir: str | os.PathLike, max_cases: int | None = None) -
     return cases[:max_cases] if max_cases is not None else cases
 
 
-def load_predictor(name: str, checkpoint: str | None = None, device: str = "cpu") -> Predictor:
+def load_predictor(
+    name: str, checkpoint: str | None = None, device: str = "cpu", *, mirror: bool = False
+) -> Predictor:
     """A baseline by name (``box-ellipse``, ``box-fill``) or a SAM model / run folder through
-    ``medfm.seg.predict.Segmenter.from_pretrained(name, checkpoint, device=device)``."""
+    ``medfm.seg.predict.Segmenter.from_pretrained(name, checkpoint, device=device,
+    mirror=mirror)`` (``mirror``: test-time mirroring; baselines have none)."""
     if name in BASELINES:
         if checkpoint is not None:
             raise MedfmError(f"the {name} baseline takes no checkpoint; drop --checkpoint")
+        if mirror:
+            raise MedfmError(f"the {name} baseline has no test-time mirroring; drop --mirror")
         return BASELINES[name]()
     from medfm.seg.predict import Segmenter
 
-    return Segmenter.from_pretrained(name, checkpoint, device=device)
+    return Segmenter.from_pretrained(name, checkpoint, device=device, mirror=mirror)
 
 
 # ----------------------------------------------------------------------------- images
@@ -280,9 +285,10 @@ def evaluate(
             with one output for clicks), False for boxes.
 
     Returns:
-        The report: ``model``, ``prompt``, ``data``, ``nsd_tolerance``, ``n_cases``,
-        ``mean_dice``, ``mean_nsd``, ``per_label`` ({name: {dice, nsd, n}}, labels present in
-        at least one case), ``per_case`` ([{case, dice, nsd, labels: {name: {dice, nsd}}}]),
+        The report: ``model``, ``prompt``, ``mirror`` (test-time mirroring), ``data``,
+        ``nsd_tolerance``, ``n_cases``, ``mean_dice``, ``mean_nsd``, ``per_label`` ({name:
+        {dice, nsd, n}}, labels present in at least one case), ``per_case`` ([{case, dice, nsd,
+        labels: {name: {dice, nsd}}}]),
         ``skipped`` (ids of cases without any label).
     """
     check_prompt(prompt)
@@ -333,6 +339,7 @@ def evaluate(
     return {
         "model": name,
         "prompt": prompt,
+        "mirror": bool(getattr(predictor, "mirror", False)),
         "data": str(folder),
         "nsd_tolerance": NSD_TOLERANCE,
         "n_cases": len(per_case),

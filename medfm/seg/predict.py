@@ -47,6 +47,25 @@ def _float_array(x: object, what: str) -> np.ndarray:
         raise MedfmError(f"{what} must be an array of numbers, got {type(x).__name__}") from None
 
 
+def _mirror_prompts(boxes: object, points: object, width: int) -> tuple[object, object]:
+    """Boxes (N, 4) x0, y0, x1, y1 and points (N, P, 2) x, y on an image of ``width`` columns ->
+    the same prompts on the image flipped left-right (column c -> width - 1 - c; a box's x0 and
+    x1 swap, kept inside 0..width). None stays None; the checks come after."""
+    if boxes is not None:
+        b = _float_array(boxes, "boxes").copy()
+        if b.ndim >= 1 and b.shape[-1] == 4:
+            x0, x1 = b[..., 0].copy(), b[..., 2].copy()
+            b[..., 0] = np.clip(width - 1 - x1, 0, width)
+            b[..., 2] = np.clip(width - 1 - x0, 0, width)
+        boxes = b
+    if points is not None:
+        p = _float_array(points, "points").copy()
+        if p.ndim >= 1 and p.shape[-1] == 2:
+            p[..., 0] = width - 1 - p[..., 0]
+        points = p
+    return boxes, points
+
+
 def _multimask_clicks(config: dict) -> bool:
     """A medfm model folder's config.json -> whether its training gave single clicks SAM's
     three outputs (``train_config.prompt.multimask``; True when it does not say)."""
@@ -65,6 +84,10 @@ class Segmenter:
             kept; SAM's own models) or the single output (a medfm model trained so; read from
             its config.json by `from_pretrained`). Used by evaluation and volume prompting
             through `medfm.seg.types.click_multimask`; ``predict`` does what it is asked.
+        mirror: test-time mirroring, as nnU-Net predicts by default: `set_image` also embeds
+            the image flipped left-right, `predict` prompts both with the same (mirrored)
+            prompts and averages the two probability maps (sigmoid of the logits at the image
+            size, flipped back) before thresholding at 0.5. Twice the encoder and decoder work.
     """
 
     prompt_types = ("box", "point")
@@ -76,11 +99,13 @@ class Segmenter:
         device: str | torch.device = "cpu",
         *,
         multimask_clicks: bool = True,
+        mirror: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.name = name
         self.multimask_clicks = multimask_clicks
+        self.mirror = bool(mirror)
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.reset_image()
 
@@ -90,17 +115,20 @@ class Segmenter:
         name_or_dir: str | os.PathLike,
         checkpoint: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
+        *,
+        mirror: bool = False,
     ) -> Segmenter:
         """A name of ``SEG_MODELS`` (weights from ``checkpoint``, see `build_model`), a medfm
         model folder (config.json + model.safetensors), or a training run's folder (its
-        ``model/``)."""
+        ``model/``). ``mirror``: test-time mirroring (see the class)."""
         key = str(name_or_dir)
         if key in SEG_MODELS:
             weights = weights_for(key, checkpoint)
             clicks = True
             if weights is not None and (Path(weights) / CONFIG_NAME).is_file():
                 clicks = _multimask_clicks(read_config(weights))
-            return cls(build_model(key, weights), key, device, multimask_clicks=clicks)
+            model = build_model(key, weights)
+            return cls(model, key, device, multimask_clicks=clicks, mirror=mirror)
         folder = Path(name_or_dir)
         if (folder / "model" / "config.json").is_file():
             folder = folder / "model"  # a training run's folder: its final model
@@ -111,7 +139,8 @@ class Segmenter:
                     f"{checkpoint} or pass a model name ({', '.join(SEG_MODELS)})"
                 )
             model, config = load_pretrained(folder)
-            return cls(model, config["model"], device, multimask_clicks=_multimask_clicks(config))
+            clicks = _multimask_clicks(config)
+            return cls(model, config["model"], device, multimask_clicks=clicks, mirror=mirror)
         raise MedfmError(
             f"{key!r} is neither a model name ({', '.join(SEG_MODELS)}) nor a medfm model folder "
             "(config.json + model.safetensors)"
@@ -123,6 +152,7 @@ class Segmenter:
     def reset_image(self) -> None:
         """Forget the image set by `set_image`."""
         self._embedding: torch.Tensor | None = None
+        self._mirrored: torch.Tensor | None = None  # the flipped image's, with mirror
         self._input_size: tuple[int, int] | None = None
         self._original_size: tuple[int, int] | None = None
 
@@ -153,8 +183,13 @@ class Segmenter:
         return embedding.clone(), (int(x.shape[-2]), int(x.shape[-1])), (int(h), int(w))
 
     def set_image(self, image: np.ndarray | torch.Tensor) -> None:
-        """image (H, W) or (H, W, 3) uint8: compute its embedding once for `predict`."""
+        """image (H, W) or (H, W, 3) uint8: compute its embedding once for `predict` (with
+        ``mirror``, the flipped image's too)."""
         self._embedding, self._input_size, self._original_size = self.embed(image)
+        self._mirrored = None
+        if self.mirror:
+            rgb = to_rgb_uint8(image)
+            self._mirrored = self.embed(np.ascontiguousarray(rgb[:, ::-1]))[0]
 
     # ---------------------------------------------------------------------------------------
     # prompts
@@ -180,19 +215,38 @@ class Segmenter:
 
         Returns:
             Prediction(masks (N, H, W) bool, scores (N,) predicted IoU, logits (N, 256, 256)).
+            With ``mirror``: the masks of the averaged probabilities, the mean of the two
+            scores, and the logits of the unflipped image.
         """
         if self._embedding is None:
             raise MedfmError(f"{self.name}: call set_image(image) before predict")
-        return self.predict_from_embedding(
-            self._embedding,
-            self._input_size,
-            self._original_size,
-            boxes,
-            points,
-            labels,
-            multimask=multimask,
-            mask_input=mask_input,
+        if self._mirrored is None:
+            return self.predict_from_embedding(
+                self._embedding,
+                self._input_size,
+                self._original_size,
+                boxes,
+                points,
+                labels,
+                multimask=multimask,
+                mask_input=mask_input,
+            )
+        if mask_input is not None:
+            raise MedfmError(
+                f"{self.name}: mask_input (refinement) is not supported with test-time mirroring"
+            )
+        sizes = (self._input_size, self._original_size)
+        logits, scores, low_res = self._predict_logits(
+            self._embedding, *sizes, boxes, points, labels, multimask, None
         )
+        width = self._original_size[1]
+        m_boxes, m_points = _mirror_prompts(boxes, points, width)
+        m_logits, m_scores, _ = self._predict_logits(
+            self._mirrored, *sizes, m_boxes, m_points, labels, multimask, None
+        )
+        prob = (torch.sigmoid(logits) + torch.sigmoid(m_logits.flip(-1))) / 2
+        threshold = torch.sigmoid(torch.tensor(float(self.model.mask_threshold)))
+        return Prediction(masks=prob > threshold, scores=(scores + m_scores) / 2, logits=low_res)
 
     def predict_from_embedding(
         self,
@@ -208,6 +262,24 @@ class Segmenter:
     ) -> Prediction:
         """`predict` on an embedding from `embed` (1xCxhxw or Cxhxw, any float dtype and device,
         e.g. fp16 from a cache) with its input_size and original_size (H, W)."""
+        logits, scores, low_res = self._predict_logits(
+            embedding, input_size, original_size, boxes, points, labels, multimask, mask_input
+        )
+        return Prediction(masks=logits > self.model.mask_threshold, scores=scores, logits=low_res)
+
+    def _predict_logits(
+        self,
+        embedding: torch.Tensor,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+        boxes: np.ndarray | torch.Tensor | None,
+        points: np.ndarray | torch.Tensor | None,
+        labels: np.ndarray | torch.Tensor | None,
+        multimask: bool,
+        mask_input: np.ndarray | torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`predict_from_embedding`'s work -> (logits (N, H, W) at the image size, scores (N,),
+        low-resolution logits (N, h, w)), ordinary CPU tensors."""
         emb = self._check_embedding(embedding)
         input_size, original_size = self._check_sizes(input_size, original_size)
         height, width = original_size
@@ -229,10 +301,10 @@ class Segmenter:
             raise MedfmError(f"{self.name}: give boxes (N, 4) or points (N, P, 2) with labels")
         n = n_sizes.pop()
         if n == 0:
-            return Prediction(
-                masks=torch.zeros((0, height, width), dtype=torch.bool),
-                scores=torch.zeros(0),
-                logits=torch.zeros((0, *self.model.prompt_encoder.mask_input_size)),
+            return (
+                torch.zeros((0, height, width)),
+                torch.zeros(0),
+                torch.zeros((0, *self.model.prompt_encoder.mask_input_size)),
             )
         if box_t is not None:
             box_t = self.transform.apply_boxes(box_t, original_size)
@@ -253,11 +325,7 @@ class Segmenter:
             for acc, t in zip((masks, scores, logits), out, strict=True):
                 acc.append(t)
         # clone outside inference mode: ordinary tensors the caller may modify
-        return Prediction(
-            masks=torch.cat(masks).clone(),
-            scores=torch.cat(scores).clone(),
-            logits=torch.cat(logits).clone(),
-        )
+        return torch.cat(masks).clone(), torch.cat(scores).clone(), torch.cat(logits).clone()
 
     @torch.inference_mode()
     def _decode(
@@ -270,7 +338,8 @@ class Segmenter:
         mask_input: torch.Tensor | None,
         multimask: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompts already in the input frame -> masks (n, H, W), scores (n,), logits (n, h, w)."""
+        """Prompts already in the input frame -> logits at the image size (n, H, W), scores (n,),
+        low-resolution logits (n, h, w), on the CPU."""
         model, device = self.model, self.device
         box_t = None if boxes is None else torch.as_tensor(boxes, dtype=torch.float, device=device)
         pts = None
@@ -290,7 +359,7 @@ class Segmenter:
         rows = torch.arange(len(iou), device=iou.device)
         low_res, iou = low_res[rows, best][:, None], iou[rows, best]
         up = model.postprocess_masks(low_res, input_size, original_size)
-        return (up[:, 0] > model.mask_threshold).cpu(), iou.float().cpu(), low_res[:, 0].cpu()
+        return up[:, 0].float().cpu(), iou.float().cpu(), low_res[:, 0].cpu()
 
     # ---------------------------------------------------------------------------------------
     # checks

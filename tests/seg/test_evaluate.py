@@ -331,6 +331,7 @@ def test_cli_evaluate(sets, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads(out.read_text())
     assert report["model"] == "box-fill" and report["n_cases"] == 2
+    assert report["mirror"] is False
     assert f"mean Dice {report['mean_dice']:.4f}" in r.stdout and "NSD" in r.stdout
     assert len(list((tmp_path / "ov").glob("*.png"))) == 2
 
@@ -343,6 +344,7 @@ def test_cli_evaluate(sets, tmp_path):
         (["--data", "{d2}", "--prompt", "point"], "box"),
         (["--data", "{d2}", "--prompt", "lasso"], "unknown prompt"),
         (["--data", "{d2}", "--prompt", "box", "--max-cases", "0"], "max-cases"),
+        (["--data", "{d2}", "--prompt", "box", "--mirror"], "no test-time mirroring"),
     ],
 )
 def test_cli_errors_exit_2_one_line(sets, tmp_path, args, message):

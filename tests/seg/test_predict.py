@@ -264,3 +264,60 @@ def test_a_model_trained_with_one_output_for_clicks_keeps_it(tmp_path, monkeypat
     segment_slice(s, img, points=[[5.0, 6.0]], labels=[1])
     segment_slice(s, img, points=[[5.0, 6.0], [9.0, 9.0]], labels=[1, 0])
     assert asked == [False, True, False]
+
+
+def _flip_prompts(boxes, points):
+    """Boxes and points on the image -> the same on the image flipped left-right."""
+    b = boxes.copy()
+    b[:, 0], b[:, 2] = W - 1 - boxes[:, 2], W - 1 - boxes[:, 0]
+    p = points.copy()
+    p[..., 0] = W - 1 - points[..., 0]
+    return b, p
+
+
+@pytest.mark.parametrize("prompt", ["box", "point"])
+def test_mirroring_averages_both_orientations_and_is_flip_equivariant(image, prompt):
+    model = tiny_sam(TINY_SPEC, seed=5)
+    plain, mirrored = Segmenter(model, "vit_b"), Segmenter(model, "vit_b", mirror=True)
+    flipped = np.ascontiguousarray(image[:, ::-1])
+    m_boxes, m_points = _flip_prompts(BOXES, POINTS)
+
+    def ask(seg, img, mirror_prompts=False):
+        seg.set_image(img)
+        boxes, points = (m_boxes, m_points) if mirror_prompts else (BOXES, POINTS)
+        if prompt == "box":
+            return seg.predict(boxes=boxes)
+        return seg.predict(points=points, labels=LABELS, multimask=True)
+
+    out = ask(mirrored, image)
+    # the value: mean of the two orientations' probabilities at the image size, flipped back
+    probs = []
+    for img, flip in ((image, False), (flipped, True)):
+        plain.set_image(img)
+        b, p = (m_boxes, m_points) if flip else (BOXES, POINTS)
+        given = (b, None, None) if prompt == "box" else (None, p, LABELS)
+        sizes = (plain._input_size, plain._original_size)
+        logits = plain._predict_logits(plain._embedding, *sizes, *given, prompt == "point", None)
+        logits = logits[0]  # at the image size
+        probs.append(torch.sigmoid(logits.flip(-1) if flip else logits))
+    want = (probs[0] + probs[1]) / 2 > 0.5
+    assert 0 < want.sum() < want.numel()
+    assert torch.equal(out.masks, want)
+    one_way = ask(plain, image)
+    assert not torch.equal(out.masks, one_way.masks)  # random weights: not symmetric
+    torch.testing.assert_close(out.logits, one_way.logits)  # the unflipped image's logits
+    # equivariance: the flipped image with flipped prompts gives the flipped masks, exactly
+    back = ask(mirrored, flipped, mirror_prompts=True)
+    assert torch.equal(back.masks, out.masks.flip(-1))
+    torch.testing.assert_close(back.scores, out.scores, atol=1e-6, rtol=0)
+
+
+def test_mirroring_refuses_mask_input_and_baselines(image):
+    from medfm.seg.evaluate import load_predictor
+
+    seg = Segmenter(tiny_sam(TINY_SPEC, seed=5), "vit_b", mirror=True)
+    seg.set_image(image)
+    with pytest.raises(MedfmError, match="mirroring"):
+        seg.predict(boxes=BOXES, mask_input=torch.zeros(3, 64, 64))
+    with pytest.raises(MedfmError, match="box-ellipse baseline has no test-time mirroring"):
+        load_predictor("box-ellipse", mirror=True)
