@@ -15,6 +15,16 @@ from medfm.errors import MedfmError
 F = TypeVar("F", bound=Callable)
 
 
+MirrorOption = Annotated[
+    bool,
+    typer.Option(
+        "--mirror",
+        help="Test-time mirroring (nnU-Net's): also predict on the image flipped left-right "
+        "and average the probabilities.",
+    ),
+]
+
+
 def user_errors(fn: F) -> F:
     """``medfm.cli.main.user_errors``, looked up when the command runs, so that main.py can
     import this module at its top without a circular import."""
@@ -60,14 +70,7 @@ def seg_evaluate(
     max_cases: Annotated[
         int | None, typer.Option("--max-cases", help="Evaluate the first N cases only.")
     ] = None,
-    mirror: Annotated[
-        bool,
-        typer.Option(
-            "--mirror",
-            help="Test-time mirroring (nnU-Net's): also predict on the image flipped "
-            "left-right and average the probabilities.",
-        ),
-    ] = False,
+    mirror: MirrorOption = False,
 ) -> None:
     """Dice and surface Dice of a model with one prompt per label and image (DESIGN.md)."""
     from medfm.cli.progress import progress_bar
@@ -223,14 +226,7 @@ def seg_predict(
     model: Annotated[str, typer.Option("--model", "-m")] = "medfm-tiny",
     checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    mirror: Annotated[
-        bool,
-        typer.Option(
-            "--mirror",
-            help="Test-time mirroring (nnU-Net's): also predict on the image flipped "
-            "left-right and average the probabilities.",
-        ),
-    ] = False,
+    mirror: MirrorOption = False,
 ) -> None:
     """Segment an image from box or point prompts; object i gets label i in the output."""
     import numpy as np
