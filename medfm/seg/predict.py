@@ -236,13 +236,13 @@ class Segmenter:
                 f"{self.name}: mask_input (refinement) is not supported with test-time mirroring"
             )
         sizes = (self._input_size, self._original_size)
-        logits, scores, low_res = self._predict_logits(
-            self._embedding, *sizes, boxes, points, labels, multimask, None
+        logits, scores, low_res = self._predict(
+            self._embedding, *sizes, boxes, points, labels, multimask, None, as_logits=True
         )
         width = self._original_size[1]
         m_boxes, m_points = _mirror_prompts(boxes, points, width)
-        m_logits, m_scores, _ = self._predict_logits(
-            self._mirrored, *sizes, m_boxes, m_points, labels, multimask, None
+        m_logits, m_scores, _ = self._predict(
+            self._mirrored, *sizes, m_boxes, m_points, labels, multimask, None, as_logits=True
         )
         prob = (torch.sigmoid(logits) + torch.sigmoid(m_logits.flip(-1))) / 2
         threshold = torch.sigmoid(torch.tensor(float(self.model.mask_threshold)))
@@ -262,12 +262,12 @@ class Segmenter:
     ) -> Prediction:
         """`predict` on an embedding from `embed` (1xCxhxw or Cxhxw, any float dtype and device,
         e.g. fp16 from a cache) with its input_size and original_size (H, W)."""
-        logits, scores, low_res = self._predict_logits(
+        masks, scores, low_res = self._predict(
             embedding, input_size, original_size, boxes, points, labels, multimask, mask_input
         )
-        return Prediction(masks=logits > self.model.mask_threshold, scores=scores, logits=low_res)
+        return Prediction(masks=masks, scores=scores, logits=low_res)
 
-    def _predict_logits(
+    def _predict(
         self,
         embedding: torch.Tensor,
         input_size: tuple[int, int],
@@ -277,9 +277,12 @@ class Segmenter:
         labels: np.ndarray | torch.Tensor | None,
         multimask: bool,
         mask_input: np.ndarray | torch.Tensor | None,
+        *,
+        as_logits: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`predict_from_embedding`'s work -> (logits (N, H, W) at the image size, scores (N,),
-        low-resolution logits (N, h, w)), ordinary CPU tensors."""
+        """`predict_from_embedding`'s work -> (masks (N, H, W) bool, or with ``as_logits`` the
+        float logits at the image size; scores (N,); low-resolution logits (N, h, w)), ordinary
+        CPU tensors."""
         emb = self._check_embedding(embedding)
         input_size, original_size = self._check_sizes(input_size, original_size)
         height, width = original_size
@@ -302,7 +305,7 @@ class Segmenter:
         n = n_sizes.pop()
         if n == 0:
             return (
-                torch.zeros((0, height, width)),
+                torch.zeros((0, height, width), dtype=torch.float if as_logits else torch.bool),
                 torch.zeros(0),
                 torch.zeros((0, *self.model.prompt_encoder.mask_input_size)),
             )
@@ -321,6 +324,7 @@ class Segmenter:
                 None if pts_t is None else (pts_t[part], lab_t[part]),
                 None if mask_t is None else mask_t[part],
                 multimask,
+                as_logits,
             )
             for acc, t in zip((masks, scores, logits), out, strict=True):
                 acc.append(t)
@@ -337,8 +341,10 @@ class Segmenter:
         points: tuple[np.ndarray, np.ndarray] | None,
         mask_input: torch.Tensor | None,
         multimask: bool,
+        as_logits: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompts already in the input frame -> logits at the image size (n, H, W), scores (n,),
+        """Prompts already in the input frame -> masks (n, H, W) bool (thresholded on the
+        device; with ``as_logits`` the float logits at the image size), scores (n,),
         low-resolution logits (n, h, w), on the CPU."""
         model, device = self.model, self.device
         box_t = None if boxes is None else torch.as_tensor(boxes, dtype=torch.float, device=device)
@@ -359,7 +365,8 @@ class Segmenter:
         rows = torch.arange(len(iou), device=iou.device)
         low_res, iou = low_res[rows, best][:, None], iou[rows, best]
         up = model.postprocess_masks(low_res, input_size, original_size)
-        return up[:, 0].float().cpu(), iou.float().cpu(), low_res[:, 0].cpu()
+        up = up[:, 0].float() if as_logits else up[:, 0] > model.mask_threshold
+        return up.cpu(), iou.float().cpu(), low_res[:, 0].cpu()
 
     # ---------------------------------------------------------------------------------------
     # checks
