@@ -336,14 +336,20 @@ def refinement_clicks(
 
 
 def random_label_masks(
-    label_map: torch.Tensor, *, generator: torch.Generator, max_per_image: int
+    label_map: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    max_per_image: int,
+    area_power: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Binary targets from multi-label maps, one label per prompt.
 
     label_map (B, H, W) integer, 0 = background -> image_index (N,) int64 and masks (N, H, W)
     bool. From each image, ``min(max_per_image, labels present)`` of its foreground labels are
-    chosen uniformly without replacement (in random order, grouped by image in image order);
-    an image with background only contributes nothing. Draws B * (max label + 1) uniforms.
+    chosen without replacement (in random order, grouped by image in image order): uniformly,
+    or with ``area_power`` > 0 with weights area ** area_power (pixels; 1: in proportion to
+    the area), by Efraimidis and Spirakis' keys u ** (1 / weight). An image with background
+    only contributes nothing. Draws B * (max label + 1) uniforms either way.
     """
     if label_map.ndim != 3:
         raise MedfmError(f"label_map must have shape (B, H, W), got {tuple(label_map.shape)}")
@@ -360,7 +366,14 @@ def random_label_masks(
     present = torch.zeros(b, n_labels, dtype=torch.bool, device=device)
     present.scatter_(1, flat, True)
     present[:, 0] = False
-    scores = torch.where(present, _rand((b, n_labels), generator, device), -1.0)
+    u = _rand((b, n_labels), generator, device)
+    if area_power < 0:
+        raise MedfmError(f"area_power must be >= 0, got {area_power}")
+    if area_power > 0:  # keys u ** (1 / w) ranked through their logs (u > 0 almost surely)
+        area = torch.zeros(b, n_labels, dtype=torch.float64, device=device)
+        area.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
+        u = (u.double().clamp_min(1e-300).log() / area.clamp_min(1.0) ** area_power).exp()
+    scores = torch.where(present, u, -1.0)
     vals, labels = scores.topk(min(max_per_image, n_labels), dim=1)
     keep = vals >= 0
     image_index = torch.arange(b, device=device)[:, None].expand_as(labels)[keep]

@@ -78,6 +78,7 @@ class TrainConfig(BaseModel):
     steps: int = Field(2000, ge=1)
     batch: int = Field(8, ge=1)
     prompts_per_image: int = Field(4, ge=1)
+    area_power: float = Field(0.0, ge=0.0)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup: int = Field(100, ge=0)
@@ -443,7 +444,7 @@ class Trainer:
             g = step_generator(cfg.seed * 1009 + self.rank + 1, step)
         labels = self.data.lowres_labels[idx].to(self.device)
         image_index, masks = random_label_masks(
-            labels, generator=g, max_per_image=cfg.prompts_per_image
+            labels, generator=g, max_per_image=cfg.prompts_per_image, area_power=cfg.area_power
         )
         if masks.shape[0] == 0:
             return {"loss": 0.0}

@@ -289,6 +289,39 @@ def test_random_label_masks_uniform_choice_and_empty_images():
         random_label_masks(lm.float(), generator=gen(), max_per_image=1)
 
 
+def test_random_label_masks_area_power_weights_by_area():
+    lm = torch.zeros(2000, 8, 10, dtype=torch.uint8)
+    lm[:, :6, :5] = 2  # 30 pixels
+    lm[:, 7, 9] = 5  # 1 pixel
+    lm[:, 7, :2] = 9  # 2 pixels
+    areas = {2: 30.0, 5: 1.0, 9: 2.0}
+
+    def freq(power):
+        idx, masks = random_label_masks(lm, generator=gen(31), max_per_image=1, area_power=power)
+        assert idx.tolist() == list(range(2000))
+        labels = torch.stack([lm[i][m][0] for i, m in zip(idx, masks, strict=True)])
+        return {v: float((labels == v).float().mean()) for v in areas}
+
+    # area ** power over the image's labels, the sampling error of 2000 draws allowed
+    for power in (0.5, 1.0, 2.0):
+        weights = {v: a**power for v, a in areas.items()}
+        total = sum(weights.values())
+        got = freq(power)
+        for v, w in weights.items():
+            assert got[v] == pytest.approx(w / total, abs=0.035), (power, v)
+    # power 0 is the uniform choice, draw for draw
+    a = random_label_masks(lm, generator=gen(32), max_per_image=2)
+    b = random_label_masks(lm, generator=gen(32), max_per_image=2, area_power=0.0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    # without replacement: with room for all three, each image gives each label once
+    idx, masks = random_label_masks(lm[:5], generator=gen(33), max_per_image=3, area_power=1.0)
+    assert idx.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    got = [int(lm[i][m][0]) for i, m in zip(idx, masks, strict=True)]
+    assert all(sorted(got[k : k + 3]) == [2, 5, 9] for k in range(0, 15, 3))
+    with pytest.raises(MedfmError, match="area_power"):
+        random_label_masks(lm, generator=gen(), max_per_image=1, area_power=-1.0)
+
+
 # ----------------------------------------------------------------------------- mixed prompts
 
 
