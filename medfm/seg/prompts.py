@@ -357,6 +357,8 @@ def random_label_masks(
         raise MedfmError(f"label_map must hold integer labels, got {label_map.dtype}")
     if max_per_image < 1:
         raise MedfmError(f"max_per_image must be >= 1, got {max_per_image}")
+    if area_power < 0:
+        raise MedfmError(f"area_power must be >= 0, got {area_power}")
     b = label_map.shape[0]
     device = label_map.device
     flat = label_map.reshape(b, -1).long()
@@ -367,12 +369,10 @@ def random_label_masks(
     present.scatter_(1, flat, True)
     present[:, 0] = False
     u = _rand((b, n_labels), generator, device)
-    if area_power < 0:
-        raise MedfmError(f"area_power must be >= 0, got {area_power}")
-    if area_power > 0:  # keys u ** (1 / w) ranked through their logs (u > 0 almost surely)
+    if area_power > 0:  # Efraimidis-Spirakis keys u ** (1 / w), in [0, 1] as the uniform ones
         area = torch.zeros(b, n_labels, dtype=torch.float64, device=device)
         area.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
-        u = (u.double().clamp_min(1e-300).log() / area.clamp_min(1.0) ** area_power).exp()
+        u = u.double() ** (1.0 / area.clamp_min(1.0) ** area_power)
     scores = torch.where(present, u, -1.0)
     vals, labels = scores.topk(min(max_per_image, n_labels), dim=1)
     keep = vals >= 0
