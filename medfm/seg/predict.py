@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from medfm.seg.models import (
     read_config,
     weights_for,
 )
+from medfm.seg.prompts import resize_boxes, resize_points
 from medfm.seg.types import Prediction, to_rgb_uint8
 
 __all__ = ["Segmenter"]
@@ -88,6 +90,14 @@ class Segmenter:
             the image flipped left-right, `predict` prompts both with the same (mirrored)
             prompts and averages the two probability maps (sigmoid of the logits at the image
             size, flipped back) before thresholding at 0.5. Twice the encoder and decoder work.
+        coords: how prompts in image pixels reach the model's input frame. ``"sam"`` (the
+            default; official SAM and MedSAM checkpoints): segment-anything's
+            ``ResizeLongestSide`` (x' = x s), the same prompts as ``SamPredictor``. ``"pixel"``
+            (medfm's models, trained on tight boxes of the objects at the input size, and what
+            `from_pretrained` gives a medfm model folder): boxes by
+            `medfm.seg.prompts.resize_boxes`, points by `medfm.seg.prompts.resize_points`, so a
+            5x-enlarged slice's box still holds the whole object. The two agree when the image
+            is already at the input size.
     """
 
     prompt_types = ("box", "point")
@@ -100,7 +110,11 @@ class Segmenter:
         *,
         multimask_clicks: bool = True,
         mirror: bool = False,
+        coords: Literal["pixel", "sam"] = "sam",
     ) -> None:
+        if coords not in ("pixel", "sam"):
+            raise MedfmError(f"coords must be 'pixel' or 'sam', got {coords!r}")
+        self.coords = coords
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.name = name
@@ -120,15 +134,17 @@ class Segmenter:
     ) -> Segmenter:
         """A name of ``SEG_MODELS`` (weights from ``checkpoint``, see `build_model`), a medfm
         model folder (config.json + model.safetensors), or a training run's folder (its
-        ``model/``). ``mirror``: test-time mirroring (see the class)."""
+        ``model/``). ``mirror``: test-time mirroring (see the class). A medfm model folder
+        (the bundled medfm-tiny, a training run) maps prompts with ``coords="pixel"``, an
+        official ``.pth`` (or random weights) with segment-anything's ``"sam"``."""
         key = str(name_or_dir)
         if key in SEG_MODELS:
             weights = weights_for(key, checkpoint)
-            clicks = True
+            clicks, coords = True, "sam"
             if weights is not None and (Path(weights) / CONFIG_NAME).is_file():
-                clicks = _multimask_clicks(read_config(weights))
+                clicks, coords = _multimask_clicks(read_config(weights)), "pixel"
             model = build_model(key, weights)
-            return cls(model, key, device, multimask_clicks=clicks, mirror=mirror)
+            return cls(model, key, device, multimask_clicks=clicks, mirror=mirror, coords=coords)
         folder = Path(name_or_dir)
         if (folder / "model" / "config.json").is_file():
             folder = folder / "model"  # a training run's folder: its final model
@@ -140,7 +156,10 @@ class Segmenter:
                 )
             model, config = load_pretrained(folder)
             clicks = _multimask_clicks(config)
-            return cls(model, config["model"], device, multimask_clicks=clicks, mirror=mirror)
+            return cls(
+                model, config["model"], device, multimask_clicks=clicks, mirror=mirror,
+                coords="pixel",
+            )  # fmt: skip
         raise MedfmError(
             f"{key!r} is neither a model name ({', '.join(SEG_MODELS)}) nor a medfm model folder "
             "(config.json + model.safetensors)"
@@ -309,10 +328,7 @@ class Segmenter:
                 torch.zeros(0),
                 torch.zeros((0, *self.model.prompt_encoder.mask_input_size)),
             )
-        if box_t is not None:
-            box_t = self.transform.apply_boxes(box_t, original_size)
-        if pts_t is not None:
-            pts_t = self.transform.apply_coords(pts_t, original_size)
+        box_t, pts_t = self._to_input_frame(box_t, pts_t, input_size, original_size)
         masks, scores, logits = [], [], []
         for start in range(0, n, _CHUNK):
             part = slice(start, start + _CHUNK)
@@ -330,6 +346,30 @@ class Segmenter:
                 acc.append(t)
         # clone outside inference mode: ordinary tensors the caller may modify
         return torch.cat(masks).clone(), torch.cat(scores).clone(), torch.cat(logits).clone()
+
+    def _to_input_frame(
+        self,
+        boxes: np.ndarray | None,
+        points: np.ndarray | None,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Checked prompts in image pixels -> the model's input frame (see ``coords``)."""
+        if self.coords == "sam":
+            if boxes is not None:
+                boxes = self.transform.apply_boxes(boxes, original_size)
+            if points is not None:
+                points = self.transform.apply_coords(points, original_size)
+            return boxes, points
+        (ih, iw), (oh, ow) = input_size, original_size
+        sx, sy = iw / ow, ih / oh
+        if boxes is not None:  # a box to the image's right / bottom edge stays on the image
+            boxes = resize_boxes(boxes, sx, sy)
+            boxes[:, 0::2] = boxes[:, 0::2].clip(0, iw - 1)
+            boxes[:, 1::2] = boxes[:, 1::2].clip(0, ih - 1)
+        if points is not None:
+            points = resize_points(points, sx, sy)
+        return boxes, points
 
     @torch.inference_mode()
     def _decode(

@@ -34,6 +34,8 @@ __all__ = [
     "max_shift_for",
     "random_label_masks",
     "refinement_clicks",
+    "resize_boxes",
+    "resize_points",
     "sample_points",
     "sample_prompts",
     "tight_boxes",
@@ -142,6 +144,38 @@ def _edt_argmax(regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             best[i] = float(dist[cy, cx])
             index[i] = (y0 + cy) * w + x0 + cx
     return index.to(regions.device), best.to(regions.device)
+
+
+# --------------------------------------------------------------------------- resizing
+
+
+def resize_points(points, sx: float, sy: float):
+    """Points ``(..., 2)`` x, y at pixel centres of an image -> the same places on that image
+    resized by ``sx`` (columns) and ``sy`` (rows): ``x' = (x + 0.5) sx - 0.5``, as a
+    resize with ``align_corners=False`` (torch, PIL) moves pixel centres. segment-anything's
+    ``ResizeLongestSide.apply_coords`` takes ``x' = x sx`` instead, which at a 5x enlargement
+    puts a click two pixels up and left of where it was. numpy or torch in, same out."""
+    out = points * 1.0  # a float copy of either kind
+    out[..., 0] = (points[..., 0] + 0.5) * sx - 0.5
+    out[..., 1] = (points[..., 1] + 0.5) * sy - 0.5
+    return out
+
+
+def resize_boxes(boxes, sx: float, sy: float):
+    """Tight boxes ``(N, 4)`` x0, y0, x1, y1 (first and last pixel centres of the object, the
+    module's convention) -> the tight boxes of the same objects on the image resized by ``sx``,
+    ``sy``. Enlarged, a pixel becomes s pixels, so the box runs from the first of the first
+    pixel's to the last of the last pixel's: ``x0' = x0 sx`` and ``x1' = (x1 + 1) sx - 1``
+    (``ResizeLongestSide.apply_boxes``'s ``x1 sx`` drops the last s - 1 columns: a 5x-enlarged
+    object of 2 pixels gets a box of 5 columns for its 10). Shrunk (s < 1), the corners move as
+    pixel centres (`resize_points`), so that a box never inverts. numpy or torch in, same out."""
+    out = resize_points(boxes.reshape(-1, 2, 2), sx, sy)
+    hx, hy = max(sx - 1.0, 0.0) / 2, max(sy - 1.0, 0.0) / 2
+    out[:, 0, 0] -= hx
+    out[:, 0, 1] -= hy
+    out[:, 1, 0] += hx
+    out[:, 1, 1] += hy
+    return out.reshape(boxes.shape)
 
 
 # --------------------------------------------------------------------------- boxes

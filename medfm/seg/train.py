@@ -49,6 +49,8 @@ from medfm.seg.prompts import (
     Prompts,
     random_label_masks,
     refinement_clicks,
+    resize_boxes,
+    resize_points,
     sample_prompts,
 )
 from medfm.seg.types import to_rgb_uint8
@@ -230,8 +232,9 @@ def decode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run SAM's prompt encoder and mask decoder for N prompts on B images.
 
-    embeddings (B, C, h, w); image_index (N,); prompt coordinates in LOWRES pixels (scaled by
-    ``scale`` to the model input); mask_input (N, 1, LOWRES, LOWRES) logits or None.
+    embeddings (B, C, h, w); image_index (N,); prompt coordinates in LOWRES pixels (taken by
+    ``scale`` to the model input with `resize_points` / `resize_boxes`, as `Segmenter` takes a
+    medfm model's prompts); mask_input (N, 1, LOWRES, LOWRES) logits or None.
     Returns float32 logits (N, K, LOWRES, LOWRES) and iou predictions (N, K), K = 3 with
     multimask. SAM's prompt encoder takes the same kind of prompt for every row of a call, so
     the prompts are decoded in at most three groups (box, box + points, points), each one
@@ -251,8 +254,8 @@ def decode(
             continue
         p = prompts.subset(sel)
         sparse, dense = model.prompt_encoder(
-            points=(p.points * scale, p.labels) if with_points else None,
-            boxes=p.boxes * scale if with_box else None,
+            points=(resize_points(p.points, scale, scale), p.labels) if with_points else None,
+            boxes=resize_boxes(p.boxes, scale, scale) if with_box else None,
             masks=None if mask_input is None else mask_input[sel],
         )
         out = slice(1, None) if multimask else slice(0, 1)  # as MaskDecoder.forward picks

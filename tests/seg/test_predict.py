@@ -10,6 +10,7 @@ from medfm.seg import models
 from medfm.seg.export import export_sam_checkpoint
 from medfm.seg.models import build_medfm_tiny, build_sam_vit, save_pretrained
 from medfm.seg.predict import Segmenter
+from medfm.seg.prompts import resize_boxes, resize_points
 from medfm.seg.types import Predictor, to_rgb_uint8
 
 from .conftest import TINY_SPEC, randomize_, tiny_sam
@@ -126,6 +127,33 @@ def test_same_as_segment_anything_refinement(seg, sam_predictor):
     assert not torch.allclose(ours.logits, first.logits)
 
 
+def test_pixel_coords_are_segment_anything_on_the_resized_prompts(seg, sam_predictor, image):
+    """coords="pixel": the same decoder as SamPredictor, given the prompts moved by
+    resize_boxes / resize_points instead of ResizeLongestSide's x * s."""
+    pixel = Segmenter(seg.model, "vit_b", coords="pixel")
+    pixel.set_image(image)
+    ih, iw = pixel._input_size
+    sx, sy = iw / W, ih / H
+    assert sx > 1 and sy > 1  # the 30 x 50 image is enlarged to the tiny model's input
+    ours = pixel.predict(boxes=BOXES)
+    boxes = torch.as_tensor(resize_boxes(BOXES, sx, sy), dtype=torch.float)
+    _, _, low = sam_predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
+    torch.testing.assert_close(ours.logits, low[:, 0], atol=1e-4, rtol=0)
+    assert not torch.allclose(ours.logits, seg.predict(boxes=BOXES).logits, atol=1e-3)
+    ours = pixel.predict(points=POINTS, labels=LABELS)
+    pts = torch.as_tensor(resize_points(POINTS, sx, sy), dtype=torch.float)
+    pts[torch.as_tensor(LABELS) == -1] = 0.0  # padding: coordinates ignored, set to 0 first
+    _, _, low = sam_predictor.predict_torch(pts, torch.as_tensor(LABELS), multimask_output=False)
+    torch.testing.assert_close(ours.logits, low[:, 0], atol=1e-4, rtol=0)
+    # the whole image's box is the whole resized image's; SAM's x * s stops s - 1 short
+    frame, _ = pixel._to_input_frame(np.array([[0.0, 0, W - 1, H - 1]]), None, (ih, iw), (H, W))
+    np.testing.assert_allclose(frame, [[0, 0, iw - 1, ih - 1]], atol=1e-9)
+    sam_frame, _ = seg._to_input_frame(np.array([[0.0, 0, W - 1, H - 1]]), None, (ih, iw), (H, W))
+    assert sam_frame[0, 2] < iw - 2
+    with pytest.raises(MedfmError, match="coords must be"):
+        Segmenter(seg.model, "vit_b", coords="centre")
+
+
 def test_embed_and_predict_from_embedding(seg, image):
     emb, input_size, original_size = seg.embed(image)
     assert emb.shape == (1, 256, 16, 16) and not emb.is_inference()
@@ -219,6 +247,7 @@ def test_from_pretrained(tmp_path, monkeypatch, image):
     again = bundled.predict(boxes=BOXES[:1], multimask=True)
     torch.testing.assert_close(again.logits, out.logits[:1], atol=1e-5, rtol=0)
     assert s.multimask_clicks and bundled.multimask_clicks  # SAM's three masks for a click
+    assert s.coords == bundled.coords == "pixel"  # medfm's own models: pixel-exact prompts
     with pytest.raises(MedfmError, match="drop the checkpoint"):
         Segmenter.from_pretrained(folder, checkpoint=folder / "model.safetensors")
     with pytest.raises(MedfmError, match="neither a model name"):

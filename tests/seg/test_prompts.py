@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -11,6 +12,8 @@ from medfm.seg.prompts import (
     max_shift_for,
     random_label_masks,
     refinement_clicks,
+    resize_boxes,
+    resize_points,
     sample_points,
     sample_prompts,
     tight_boxes,
@@ -420,3 +423,34 @@ def test_sample_prompts_center_clicks():
     assert 0.35 < hit.item() < 0.7
     with pytest.raises(ValidationError):
         PromptConfig(center_prob=1.5)
+
+
+@pytest.mark.parametrize("s", [1, 2, 5])
+def test_resize_boxes_and_points_follow_an_enlarged_mask(s):
+    """Enlarging masks s-fold (each pixel an s x s block): the tight boxes of the enlarged masks
+    are resize_boxes of the original tight boxes, and a one-pixel mask's centre moves to its
+    block's centre (resize_points); numpy and torch give the same."""
+    masks = random_masks(6)
+    big = masks.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)
+    boxes = tight_boxes(masks)
+    torch.testing.assert_close(resize_boxes(boxes, s, s), tight_boxes(big))
+    np.testing.assert_allclose(resize_boxes(boxes.numpy(), s, s), tight_boxes(big).numpy())
+    assert torch.equal(boxes, tight_boxes(masks))  # the input is not modified
+    one = torch.zeros((1, H, W), dtype=torch.bool)
+    one[0, 7, 11] = True
+    block = one.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)
+    centre = innermost_points(block)[0]  # s odd: the block's centre pixel
+    moved = resize_points(torch.tensor([[11.0, 7.0]]), s, s)[0]
+    torch.testing.assert_close(moved, torch.tensor([11 * s + (s - 1) / 2, 7 * s + (s - 1) / 2]))
+    if s % 2:
+        torch.testing.assert_close(moved, centre.float())
+
+
+def test_resize_boxes_shrinking_moves_corners_as_pixel_centres():
+    boxes = torch.tensor([[10.0, 4.0, 10.0, 9.0], [0.0, 0.0, 29.0, 19.0]])
+    out = resize_boxes(boxes, 0.25, 0.5)
+    assert (out[:, 2] >= out[:, 0]).all() and (out[:, 3] >= out[:, 1]).all()
+    torch.testing.assert_close(
+        out.reshape(-1, 2, 2), resize_points(boxes.reshape(-1, 2, 2), 0.25, 0.5)
+    )
+    torch.testing.assert_close(out[1], torch.tensor([-0.375, -0.25, 6.875, 9.25]))
