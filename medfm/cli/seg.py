@@ -138,6 +138,12 @@ def seg_train(
         float,
         typer.Option(help="Share of images shrunk 1.5-6x first (simulated low resolution)."),
     ] = 0.0,
+    lowres_labels: Annotated[
+        bool,
+        typer.Option(
+            "--lowres-labels", help="Coarsen the shrunk images' label maps too (blocky masks)."
+        ),
+    ] = False,
     compile_model: Annotated[
         bool, typer.Option("--compile", help="torch.compile the encoder and decoder.")
     ] = False,
@@ -160,7 +166,7 @@ def seg_train(
             loss=loss, grad_clip=grad_clip, train_encoder=train_encoder, keep_decoder=keep_decoder,
             checkpoint_every=checkpoint_every, cache=str(cache) if cache else None, seed=seed,
             device=device, compile=compile_model, prompt=PromptConfig(refine_iters=refine_iters),
-            lowres_prob=lowres_prob,
+            lowres_prob=lowres_prob, lowres_labels=lowres_labels,
         )  # fmt: skip
     except ValidationError as e:
         err = e.errors()[0]

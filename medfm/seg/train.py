@@ -6,6 +6,9 @@ encoder) on nnU-Net 2D datasets: the SynthFM recipe.
 - ``lowres_prob``: nnU-Net's simulated low resolution, for a trained encoder: an image is
   shrunk by a factor in ``lowres_factor`` (area average) before the model's resize to its input,
   as a small crop or a coarse slice is, whose structures then reach the encoder blurred.
+  ``lowres_labels`` coarsens those images' label maps too (each coarse pixel takes the label at
+  its centre, then the blocks are enlarged back): the staircase masks, filling their boxes,
+  that an annotation made at that resolution has once enlarged.
 - Prompt encoder and mask decoder are re-initialised (``keep_decoder`` keeps the checkpoint's).
 - Every step draws its images, targets and prompts from a generator seeded by (seed, step), so
   a run resumed from a checkpoint ends, on the CPU, with the weights of an uninterrupted run.
@@ -98,12 +101,15 @@ class TrainConfig(BaseModel):
     prompt: PromptConfig = PromptConfig()
     lowres_prob: float = Field(0.0, ge=0.0, le=1.0)
     lowres_factor: tuple[float, float] = (1.5, 6.0)
+    lowres_labels: bool = False
 
     @model_validator(mode="after")
     def _check_lowres(self) -> TrainConfig:
         lo, hi = self.lowres_factor
         if not 1.0 <= lo <= hi:
             raise ValueError("lowres_factor must be (low, high) with 1 <= low <= high")
+        if self.lowres_labels and self.lowres_prob == 0:
+            raise ValueError("lowres_labels coarsens the shrunk images' labels: set lowres_prob")
         if self.lowres_prob > 0 and not self.train_encoder:
             raise ValueError(
                 "lowres_prob needs train_encoder: a frozen encoder's embeddings are cached "
@@ -170,6 +176,22 @@ def simulate_low_resolution(image: np.ndarray, factor: float) -> np.ndarray:
     h, w = image.shape[:2]
     size = (max(1, round(w / factor)), max(1, round(h / factor)))
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
+def coarsen_label(label: torch.Tensor, image_shape: tuple[int, int], factor: float) -> torch.Tensor:
+    """(LOWRES, LOWRES) label map of an (H, W) image in the model's padded input frame -> the
+    same map as annotated on the image shrunk by ``factor`` (`simulate_low_resolution`'s size):
+    each coarse pixel takes the label at its centre ("nearest-exact"), enlarged back as blocks
+    of label. The padding stays 0."""
+    h, w = image_shape
+    small = (max(1, round(h / factor)), max(1, round(w / factor)))
+    rh, rw = _resize_shape(h, w, LOWRES)
+    x = label[None, None, :rh, :rw].float()
+    x = F.interpolate(x, size=small, mode="nearest-exact")
+    x = F.interpolate(x, size=(rh, rw), mode="nearest-exact")[0, 0]
+    out = torch.zeros_like(label)
+    out[:rh, :rw] = x.to(label.dtype)
+    return out
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -421,20 +443,37 @@ class Trainer:
             ).to(self.device)
         return self._encode(self.augmented_images(idx, step))
 
-    def augmented_images(self, idx: list[int], step: int) -> list[np.ndarray]:
-        """The images of one step, each shrunk with probability ``lowres_prob``. Drawn from
-        their own generator of (seed, step, rank): the prompts' stream stays as it was."""
-        images = [self.data.images[i] for i in idx]
+    def lowres_factors(self, n: int, step: int) -> list[float | None]:
+        """The shrink factor of each of a step's n images (None: kept), each shrunk with
+        probability ``lowres_prob``. Drawn from their own generator of (seed, step, rank): the
+        prompts' stream stays as it was."""
         cfg = self.cfg
         if cfg.lowres_prob == 0:
-            return images
+            return [None] * n
         g = step_generator(cfg.seed * 1009 + 7 * (self.rank + 1) + 500_009, step)
-        u = torch.rand(len(images), 2, generator=g, dtype=torch.float64).tolist()
+        u = torch.rand(n, 2, generator=g, dtype=torch.float64).tolist()
         lo, hi = cfg.lowres_factor
+        return [lo * (hi / lo) ** b if a < cfg.lowres_prob else None for a, b in u]
+
+    def augmented_images(self, idx: list[int], step: int) -> list[np.ndarray]:
+        """The images of one step, shrunk by `lowres_factors`."""
+        images = [self.data.images[i] for i in idx]
         return [
-            simulate_low_resolution(im, lo * (hi / lo) ** b) if a < cfg.lowres_prob else im
-            for im, (a, b) in zip(images, u, strict=True)
+            im if f is None else simulate_low_resolution(im, f)
+            for im, f in zip(images, self.lowres_factors(len(idx), step), strict=True)
         ]
+
+    def step_labels(self, idx: list[int], step: int) -> torch.Tensor:
+        """The (B, LOWRES, LOWRES) label maps of one step's images: as stored, or with
+        ``lowres_labels`` coarsened like their images (`coarsen_label`)."""
+        labels = self.data.lowres_labels[idx]
+        if not self.cfg.lowres_labels:
+            return labels
+        labels = labels.clone()
+        for row, (i, f) in enumerate(zip(idx, self.lowres_factors(len(idx), step), strict=True)):
+            if f is not None:
+                labels[row] = coarsen_label(labels[row], self.data.images[i].shape[:2], f)
+        return labels
 
     # ------------------------------------------------------------------ one step
 
@@ -445,7 +484,7 @@ class Trainer:
         if self.world > 1:  # each process takes its share of the batch and its own prompts
             idx = idx[self.rank :: self.world]
             g = step_generator(cfg.seed * 1009 + self.rank + 1, step)
-        labels = self.data.lowres_labels[idx].to(self.device)
+        labels = self.step_labels(idx, step).to(self.device)
         image_index, masks = random_label_masks(
             labels, generator=g, max_per_image=cfg.prompts_per_image, area_power=cfg.area_power
         )
@@ -670,4 +709,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None, progress=None) ->
     return trainer.run(progress=progress)
 
 
-__all__ = ["TrainConfig", "Trainer", "train", "decode", "lowres_label", "lr_factor"]
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "coarsen_label",
+    "decode",
+    "lowres_label",
+    "lr_factor",
+    "train",
+]

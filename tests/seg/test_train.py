@@ -15,6 +15,7 @@ from medfm.seg.train import (
     LOSSES,
     TrainConfig,
     Trainer,
+    coarsen_label,
     lowres_label,
     lr_factor,
     prepare_run,
@@ -265,6 +266,49 @@ def test_low_resolution_images_are_drawn_per_step(synth, tmp_path):
     plain = Trainer(_cfg(synth, tmp_path / "b", train_encoder=True))
     assert plain.augmented_images([0], 3)[0] is plain.data.images[0]
     assert np.array_equal(t.data.images[0], stored)  # the stored images are left as they were
+
+
+def test_coarsen_label_takes_each_blocks_centre_and_keeps_the_padding():
+    g = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 4, (256, 256), generator=g, dtype=torch.uint8)
+    assert torch.equal(coarsen_label(label, (256, 256), 1.0), label)
+    out = coarsen_label(label, (256, 256), 4.0)  # 64 x 64 coarse pixels of 4 x 4
+    want = label[2::4, 2::4].repeat_interleave(4, 0).repeat_interleave(4, 1)
+    assert torch.equal(out, want) and out.dtype == label.dtype
+    wide = label.clone()
+    wide[128:] = 0  # a 100 x 200 image fills the frame's top 128 rows
+    out = coarsen_label(wide, (100, 200), 8.0)  # 12 x 25 coarse pixels
+    assert not out[128:].any()
+    assert torch.unique_consecutive(out[:128], dim=0).shape[0] <= 12  # a row per coarse row
+    assert torch.unique_consecutive(out[:128], dim=1).shape[1] <= 25
+
+
+def test_low_resolution_labels_follow_their_images(synth, tmp_path):
+    """lowres_labels: a shrunk image's label map is coarsened by its factor, the same for the
+    same step; images kept whole keep their labels; off, the stored labels."""
+    with pytest.raises(ValidationError, match="lowres_prob"):
+        _cfg(synth, tmp_path, train_encoder=True, lowres_labels=True)
+    t = Trainer(
+        _cfg(synth, tmp_path / "a", train_encoder=True, lowres_prob=0.5, lowres_labels=True)
+    )
+    stored = t.data.lowres_labels.clone()
+    changed = kept = 0
+    for step in range(8):
+        factors = t.lowres_factors(2, step)  # the same image twice, drawn for separately
+        labels = t.step_labels([0, 0], step)
+        assert torch.equal(labels, t.step_labels([0, 0], step))
+        for row, f in enumerate(factors):
+            if f is None:
+                kept += 1
+                assert torch.equal(labels[row], stored[0])
+            else:
+                changed += 1
+                want = coarsen_label(stored[0], t.data.images[0].shape[:2], f)
+                assert torch.equal(labels[row], want)
+    assert changed and kept
+    assert torch.equal(t.data.lowres_labels, stored)  # the stored maps are left as they were
+    plain = Trainer(_cfg(synth, tmp_path / "b", train_encoder=True, lowres_prob=0.5))
+    assert torch.equal(plain.step_labels([0, 0], 3), plain.data.lowres_labels[[0, 0]])
 
 
 def test_batched_decode_gives_each_prompt_what_sams_decoder_gives_it_alone():
