@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from medfm.errors import MedfmError
 from medfm.seg.losses import dice_loss_only, sam_loss
-from medfm.seg.prompts import PromptConfig
+from medfm.seg.prompts import PromptConfig, resize_boxes, resize_points
 from medfm.seg.train import (
     LOSSES,
     TrainConfig,
@@ -337,11 +337,11 @@ def test_batched_decode_gives_each_prompt_what_sams_decoder_gives_it_alone():
             assert logits.shape == (5, 3 if multimask else 1, LOWRES, LOWRES)
             for i in range(5):
                 # padding points (label -1) are SAM's not-a-point tokens, as in a batch
-                pts = (points[i : i + 1] * scale, labels[i : i + 1])
+                pts = (resize_points(points[i : i + 1], scale, scale), labels[i : i + 1])
                 with torch.no_grad():
                     sparse, dense = model.prompt_encoder(
                         points=pts if bool((labels[i] >= 0).any()) else None,
-                        boxes=boxes[i : i + 1] * scale if has_box[i] else None,
+                        boxes=resize_boxes(boxes[i : i + 1], scale, scale) if has_box[i] else None,
                         masks=None if mask_input is None else mask_input[i : i + 1],
                     )
                     ref, ref_iou = model.mask_decoder(
