@@ -435,13 +435,15 @@ class Trainer:
                 self.cache.get_or_compute(todo[s : s + 16], self._encode, batch_size=8)
         _barrier(self.world)
 
-    def embeddings(self, idx: list[int], step: int) -> torch.Tensor:
+    def embeddings(
+        self, idx: list[int], step: int, factors: list[float | None] | None = None
+    ) -> torch.Tensor:
         if self.cache is not None:
             arrays = [self.cache.get_array(self.data.images[i]) for i in idx]
             return torch.stack(
                 [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in arrays]
             ).to(self.device)
-        return self._encode(self.augmented_images(idx, step))
+        return self._encode(self.augmented_images(idx, step, factors))
 
     def lowres_factors(self, n: int, step: int) -> list[float | None]:
         """The shrink factor of each of a step's n images (None: kept), each shrunk with
@@ -455,22 +457,31 @@ class Trainer:
         lo, hi = cfg.lowres_factor
         return [lo * (hi / lo) ** b if a < cfg.lowres_prob else None for a, b in u]
 
-    def augmented_images(self, idx: list[int], step: int) -> list[np.ndarray]:
-        """The images of one step, shrunk by `lowres_factors`."""
+    def augmented_images(
+        self, idx: list[int], step: int, factors: list[float | None] | None = None
+    ) -> list[np.ndarray]:
+        """The images of one step, shrunk by ``factors`` (default: `lowres_factors`)."""
+        if factors is None:
+            factors = self.lowres_factors(len(idx), step)
         images = [self.data.images[i] for i in idx]
         return [
             im if f is None else simulate_low_resolution(im, f)
-            for im, f in zip(images, self.lowres_factors(len(idx), step), strict=True)
+            for im, f in zip(images, factors, strict=True)
         ]
 
-    def step_labels(self, idx: list[int], step: int) -> torch.Tensor:
+    def step_labels(
+        self, idx: list[int], step: int, factors: list[float | None] | None = None
+    ) -> torch.Tensor:
         """The (B, LOWRES, LOWRES) label maps of one step's images: as stored, or with
-        ``lowres_labels`` coarsened like their images (`coarsen_label`)."""
+        ``lowres_labels`` coarsened like their images by ``factors`` (default:
+        `lowres_factors`; see `coarsen_label`)."""
         labels = self.data.lowres_labels[idx]
         if not self.cfg.lowres_labels:
             return labels
+        if factors is None:
+            factors = self.lowres_factors(len(idx), step)
         labels = labels.clone()
-        for row, (i, f) in enumerate(zip(idx, self.lowres_factors(len(idx), step), strict=True)):
+        for row, (i, f) in enumerate(zip(idx, factors, strict=True)):
             if f is not None:
                 labels[row] = coarsen_label(labels[row], self.data.images[i].shape[:2], f)
         return labels
@@ -484,7 +495,8 @@ class Trainer:
         if self.world > 1:  # each process takes its share of the batch and its own prompts
             idx = idx[self.rank :: self.world]
             g = step_generator(cfg.seed * 1009 + self.rank + 1, step)
-        labels = self.step_labels(idx, step).to(self.device)
+        factors = self.lowres_factors(len(idx), step)  # one draw for images and labels
+        labels = self.step_labels(idx, step, factors).to(self.device)
         image_index, masks = random_label_masks(
             labels, generator=g, max_per_image=cfg.prompts_per_image, area_power=cfg.area_power
         )
@@ -494,7 +506,7 @@ class Trainer:
         self.model.train()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._amp())
         with autocast:
-            emb = self.embeddings(idx, step)
+            emb = self.embeddings(idx, step, factors)
         loss, last = prompted_loss(
             self.model, emb, image_index, masks, prompts, cfg.prompt, cfg.loss, g, self.scale,
             amp=self._amp(),
