@@ -1,6 +1,7 @@
-"""Recipes: a YAML file of steps (synthetic data, training, evaluation), validated by pydantic
-and run in order by ``medfm run RECIPE``. Every step resumes: running a recipe again after a
-kill continues where it stopped. Relative paths are relative to the working directory.
+"""Recipes: a YAML file of steps (synthetic data, training, calibration, evaluation),
+validated by pydantic and run in order by ``medfm run RECIPE``. Every step resumes: running a
+recipe again after a kill continues where it stopped. Relative paths are relative to the working
+directory.
 
     name: medfm-tiny
     steps:
@@ -60,7 +61,23 @@ class EvaluateArgs(BaseModel):
     overlays: str | None = None
     device: str = "cpu"
     mirror: bool = Field(False, description="test-time mirroring (medfm seg evaluate --mirror)")
+    mask_threshold: float | None = Field(
+        None, description="the masks' logit threshold instead of the model's (--mask-threshold)"
+    )
     skip_missing: bool = Field(True, description="skip (with a message) when data is absent")
+
+
+class CalibrateArgs(BaseModel):
+    """`medfm.seg.calibrate.calibrate`'s arguments: the mask thresholds of a trained model,
+    chosen on held-out synthetic sets and written into its config.json."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    data: tuple[str, ...] = Field(min_length=1)
+    prompts: tuple[Literal["box", "point"], ...] = Field(("box", "point"), min_length=1)
+    grid: tuple[float, ...] | None = Field(None, min_length=1)
+    device: str = "cpu"
 
 
 class SynthStep(BaseModel):
@@ -85,6 +102,11 @@ class EvaluateStep(BaseModel):
     evaluate: EvaluateArgs
 
 
+class CalibrateStep(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    calibrate: CalibrateArgs
+
+
 def _step_kind(value) -> str | None:
     """A step is a mapping with one key naming its kind: pick the model by that key."""
     if isinstance(value, dict):
@@ -92,11 +114,12 @@ def _step_kind(value) -> str | None:
     return next((k for k in STEP_KINDS if hasattr(value, k)), None)
 
 
-STEP_KINDS = ("synth", "monai_shapes", "train", "evaluate")
+STEP_KINDS = ("synth", "monai_shapes", "train", "calibrate", "evaluate")
 Step = Annotated[
     Annotated[SynthStep, Tag("synth")]
     | Annotated[MonaiShapesStep, Tag("monai_shapes")]
     | Annotated[TrainStep, Tag("train")]
+    | Annotated[CalibrateStep, Tag("calibrate")]
     | Annotated[EvaluateStep, Tag("evaluate")],
     Discriminator(_step_kind),
 ]
@@ -156,6 +179,15 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=N
             resume = (Path(cfg.out) / "train_config.json").exists()
             final = train(cfg, resume=resume, log=lambda m: log(f"    {m}"), progress=progress)
             log(f"    model in {final}")
+        elif isinstance(step, CalibrateStep):
+            from medfm.seg.calibrate import DEFAULT_GRID, calibrate
+
+            a = step.calibrate
+            log(f"[{i}/{len(recipe.steps)}] calibrate {a.model} on {', '.join(a.data)}")
+            grid = DEFAULT_GRID if a.grid is None else a.grid
+            calibrate(
+                a.model, a.data, a.prompts, grid, device=a.device, log=lambda m: log(f"    {m}")
+            )
         else:
             from medfm.seg.evaluate import evaluate, load_predictor, write_report
 
@@ -166,7 +198,10 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=N
                     continue
                 raise MedfmError(f"evaluation data {a.data} not found")
             log(f"[{i}/{len(recipe.steps)}] evaluate {a.model} on {a.data} ({a.prompt})")
-            predictor = load_predictor(a.model, a.checkpoint, device=a.device, mirror=a.mirror)
+            predictor = load_predictor(
+                a.model, a.checkpoint, device=a.device, mirror=a.mirror,
+                mask_threshold=a.mask_threshold,
+            )  # fmt: skip
             report = evaluate(
                 predictor, a.data, a.prompt, overlays=Path(a.overlays) if a.overlays else None
             )

@@ -25,6 +25,16 @@ MirrorOption = Annotated[
 ]
 
 
+ThresholdOption = Annotated[
+    float | None,
+    typer.Option(
+        "--mask-threshold",
+        help="Logit above which a pixel is in the mask, instead of the model's own "
+        "(config.json's mask_thresholds, from medfm seg calibrate; else 0).",
+    ),
+]
+
+
 def user_errors(fn: F) -> F:
     """``medfm.cli.main.user_errors``, looked up when the command runs, so that main.py can
     import this module at its top without a circular import."""
@@ -71,6 +81,7 @@ def seg_evaluate(
         int | None, typer.Option("--max-cases", help="Evaluate the first N cases only.")
     ] = None,
     mirror: MirrorOption = False,
+    mask_threshold: ThresholdOption = None,
 ) -> None:
     """Dice and surface Dice of a model with one prompt per label and image (DESIGN.md)."""
     from medfm.cli.progress import progress_bar
@@ -87,7 +98,9 @@ def seg_evaluate(
     list_eval_cases(data, max_cases)
     if out.is_dir():
         raise MedfmError(f"--out {out} is a folder; give a file name such as report.json")
-    predictor = load_predictor(model, checkpoint, device=device, mirror=mirror)
+    predictor = load_predictor(
+        model, checkpoint, device=device, mirror=mirror, mask_threshold=mask_threshold
+    )
     with progress_bar() as bar:
         task = bar.add_task(f"evaluating {model}", total=None)
         report = evaluate(
@@ -103,6 +116,34 @@ def seg_evaluate(
         f"{report['model']}, {prompt} prompts, {report['n_cases']} cases: "
         f"mean Dice {report['mean_dice']:.4f}, NSD {report['mean_nsd']:.4f} -> {out}"
     )
+
+
+@seg_app.command("calibrate")
+@user_errors
+def seg_calibrate(
+    model: Annotated[
+        Path,
+        typer.Argument(help="A medfm model folder or training run; its config.json is updated."),
+    ],
+    data: Annotated[
+        list[Path],
+        typer.Option("--data", help="Held-out synthetic nnU-Net v2 folder (repeat for several)."),
+    ],
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", help="box and/or point (default: both).")
+    ] = None,
+    grid: Annotated[
+        str | None,
+        typer.Option(help="Logit thresholds to try, comma-separated (default -4..1)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Choose the mask threshold of each prompt kind on synthetic data (never the real sets)."""
+    from medfm.seg.calibrate import DEFAULT_GRID, calibrate
+
+    thresholds = DEFAULT_GRID if grid is None else _numbers(grid, "--grid")
+    prompts = tuple(prompt) if prompt else ("box", "point")
+    calibrate(model, data, prompts, thresholds, device=device, log=typer.echo)
 
 
 @seg_app.command("train")
@@ -233,6 +274,7 @@ def seg_predict(
     checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     mirror: MirrorOption = False,
+    mask_threshold: ThresholdOption = None,
 ) -> None:
     """Segment an image from box or point prompts; object i gets label i in the output."""
     import numpy as np
@@ -265,7 +307,9 @@ def seg_predict(
         pixels = data.numpy() if data.shape[0] == 3 else data[0].numpy()
         pixels = np.moveaxis(pixels, 0, -1) if pixels.ndim == 3 else pixels
         h, w = pixels.shape[:2]
-    predictor = load_predictor(model, checkpoint, device=device, mirror=mirror)
+    predictor = load_predictor(
+        model, checkpoint, device=device, mirror=mirror, mask_threshold=mask_threshold
+    )
     label = np.zeros(pixels.shape[:2] if not three_d else (h, w, depth), dtype=np.uint8)
 
     if box:

@@ -195,20 +195,31 @@ def list_eval_cases(data_dir: str | os.PathLike, max_cases: int | None = None) -
 
 
 def load_predictor(
-    name: str, checkpoint: str | None = None, device: str = "cpu", *, mirror: bool = False
+    name: str,
+    checkpoint: str | None = None,
+    device: str = "cpu",
+    *,
+    mirror: bool = False,
+    mask_threshold: float | None = None,
 ) -> Predictor:
     """A baseline by name (``box-ellipse``, ``box-fill``) or a SAM model / run folder through
     ``medfm.seg.predict.Segmenter.from_pretrained(name, checkpoint, device=device,
-    mirror=mirror)`` (``mirror``: test-time mirroring; baselines have none)."""
+    mirror=mirror)`` (``mirror``: test-time mirroring; baselines have none). ``mask_threshold``:
+    the logit threshold of every prompt kind, instead of the model's (`medfm.seg.calibrate`)."""
     if name in BASELINES:
         if checkpoint is not None:
             raise MedfmError(f"the {name} baseline takes no checkpoint; drop --checkpoint")
         if mirror:
             raise MedfmError(f"the {name} baseline has no test-time mirroring; drop --mirror")
+        if mask_threshold is not None:
+            raise MedfmError(f"the {name} baseline has no mask threshold; drop --mask-threshold")
         return BASELINES[name]()
     from medfm.seg.predict import Segmenter
 
-    return Segmenter.from_pretrained(name, checkpoint, device=device, mirror=mirror)
+    seg = Segmenter.from_pretrained(name, checkpoint, device=device, mirror=mirror)
+    if mask_threshold is not None:
+        seg.mask_thresholds = dict.fromkeys(seg.prompt_types, float(mask_threshold))
+    return seg
 
 
 # ----------------------------------------------------------------------------- images
@@ -285,8 +296,9 @@ def evaluate(
             with one output for clicks), False for boxes.
 
     Returns:
-        The report: ``model``, ``prompt``, ``mirror`` (test-time mirroring), ``data``,
-        ``nsd_tolerance``, ``n_cases``, ``mean_dice``, ``mean_nsd``, ``per_label`` ({name:
+        The report: ``model``, ``prompt``, ``mirror`` (test-time mirroring), ``mask_threshold``
+        (the logit threshold of the prompt's masks, `medfm.seg.calibrate`; None for baselines),
+        ``data``, ``nsd_tolerance``, ``n_cases``, ``mean_dice``, ``mean_nsd``, ``per_label`` ({name:
         {dice, nsd, n}}, labels present in at least one case), ``per_case`` ([{case, dice, nsd,
         labels: {name: {dice, nsd}}}]),
         ``skipped`` (ids of cases without any label).
@@ -340,6 +352,7 @@ def evaluate(
         "model": name,
         "prompt": prompt,
         "mirror": bool(getattr(predictor, "mirror", False)),
+        "mask_threshold": (getattr(predictor, "mask_thresholds", None) or {}).get(prompt),
         "data": str(folder),
         "nsd_tolerance": NSD_TOLERANCE,
         "n_cases": len(per_case),

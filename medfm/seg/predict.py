@@ -14,6 +14,7 @@ are ordinary (non-inference) CPU tensors.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -68,6 +69,21 @@ def _mirror_prompts(boxes: object, points: object, width: int) -> tuple[object, 
     return boxes, points
 
 
+def _mask_thresholds(config: dict) -> dict[str, float]:
+    """A medfm model folder's config.json -> its calibrated logit thresholds per prompt kind
+    (``mask_thresholds``, written by `medfm.seg.calibrate`; {} when it has none)."""
+    given = config.get("mask_thresholds") or {}
+    ok = isinstance(given, dict) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
+        for v in given.values()
+    )
+    if not ok:
+        raise MedfmError(
+            f"config.json's mask_thresholds must map prompt kinds to numbers, got {given!r}"
+        )
+    return {k: float(v) for k, v in given.items()}
+
+
 def _multimask_clicks(config: dict) -> bool:
     """A medfm model folder's config.json -> whether its training gave single clicks SAM's
     three outputs (``train_config.prompt.multimask``; True when it does not say)."""
@@ -98,6 +114,11 @@ class Segmenter:
             `medfm.seg.prompts.resize_boxes`, points by `medfm.seg.prompts.resize_points`, so a
             5x-enlarged slice's box still holds the whole object. The two agree when the image
             is already at the input size.
+        mask_thresholds: the logit above which a pixel is in the mask, per prompt kind:
+            ``{"box": t, "point": t}`` ("box" for any prompt with a box, "point" for clicks
+            alone); a kind left out gets the model's ``mask_threshold`` (0, SAM's). A medfm
+            model folder's config.json may hold thresholds chosen on synthetic data by
+            `medfm.seg.calibrate`, which `from_pretrained` reads.
     """
 
     prompt_types = ("box", "point")
@@ -111,9 +132,18 @@ class Segmenter:
         multimask_clicks: bool = True,
         mirror: bool = False,
         coords: Literal["pixel", "sam"] = "sam",
+        mask_thresholds: Mapping[str, float] | None = None,
     ) -> None:
         if coords not in ("pixel", "sam"):
             raise MedfmError(f"coords must be 'pixel' or 'sam', got {coords!r}")
+        unknown = sorted(set(mask_thresholds or {}) - set(self.prompt_types))
+        if unknown:
+            raise MedfmError(
+                f"mask_thresholds has keys {unknown}; the prompt kinds are {self.prompt_types}"
+            )
+        default = float(model.mask_threshold)
+        self.mask_thresholds = {k: default for k in self.prompt_types}
+        self.mask_thresholds.update({k: float(v) for k, v in (mask_thresholds or {}).items()})
         self.coords = coords
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -141,10 +171,16 @@ class Segmenter:
         if key in SEG_MODELS:
             weights = weights_for(key, checkpoint)
             clicks, coords = True, "sam"
+            thresholds: dict[str, float] = {}
             if weights is not None and (Path(weights) / CONFIG_NAME).is_file():
-                clicks, coords = _multimask_clicks(read_config(weights)), "pixel"
+                config = read_config(weights)
+                clicks, coords = _multimask_clicks(config), "pixel"
+                thresholds = _mask_thresholds(config)
             model = build_model(key, weights)
-            return cls(model, key, device, multimask_clicks=clicks, mirror=mirror, coords=coords)
+            return cls(
+                model, key, device, multimask_clicks=clicks, mirror=mirror, coords=coords,
+                mask_thresholds=thresholds,
+            )  # fmt: skip
         folder = Path(name_or_dir)
         if (folder / "model" / "config.json").is_file():
             folder = folder / "model"  # a training run's folder: its final model
@@ -155,10 +191,9 @@ class Segmenter:
                     f"{checkpoint} or pass a model name ({', '.join(SEG_MODELS)})"
                 )
             model, config = load_pretrained(folder)
-            clicks = _multimask_clicks(config)
             return cls(
-                model, config["model"], device, multimask_clicks=clicks, mirror=mirror,
-                coords="pixel",
+                model, config["model"], device, multimask_clicks=_multimask_clicks(config),
+                mirror=mirror, coords="pixel", mask_thresholds=_mask_thresholds(config),
             )  # fmt: skip
         raise MedfmError(
             f"{key!r} is neither a model name ({', '.join(SEG_MODELS)}) nor a medfm model folder "
@@ -254,18 +289,50 @@ class Segmenter:
             raise MedfmError(
                 f"{self.name}: mask_input (refinement) is not supported with test-time mirroring"
             )
+        prob, scores, low_res = self._mirrored_probs(boxes, points, labels, multimask)
+        masks = prob > torch.sigmoid(torch.tensor(self.threshold_for(boxes)))
+        return Prediction(masks=masks, scores=scores, logits=low_res)
+
+    def predict_logits(
+        self,
+        boxes: np.ndarray | torch.Tensor | None = None,
+        points: np.ndarray | torch.Tensor | None = None,
+        labels: np.ndarray | torch.Tensor | None = None,
+        *,
+        multimask: bool = False,
+    ) -> torch.Tensor:
+        """`predict`'s masks before thresholding: (N, H, W) float logits at the image size
+        (``predict``'s masks are these ``> threshold_for(boxes)``). With ``mirror``: the logit of
+        the two images' averaged probability (+-inf where it saturates)."""
+        if self._embedding is None:
+            raise MedfmError(f"{self.name}: call set_image(image) before predict")
+        if self._mirrored is not None:
+            return torch.logit(self._mirrored_probs(boxes, points, labels, multimask)[0])
+        sizes = (self._input_size, self._original_size)
+        return self._predict(
+            self._embedding, *sizes, boxes, points, labels, multimask, None, threshold=None
+        )[0]
+
+    def threshold_for(self, boxes: object) -> float:
+        """The logit threshold of a prompt: ``mask_thresholds["box"]`` when it has boxes, else
+        ``mask_thresholds["point"]``."""
+        return self.mask_thresholds["box" if boxes is not None else "point"]
+
+    def _mirrored_probs(
+        self, boxes: object, points: object, labels: object, multimask: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """With ``mirror``: (the two orientations' averaged probabilities (N, H, W), mean scores
+        (N,), the unflipped image's low-resolution logits)."""
         sizes = (self._input_size, self._original_size)
         logits, scores, low_res = self._predict(
-            self._embedding, *sizes, boxes, points, labels, multimask, None, as_logits=True
+            self._embedding, *sizes, boxes, points, labels, multimask, None, threshold=None
         )
-        width = self._original_size[1]
-        m_boxes, m_points = _mirror_prompts(boxes, points, width)
+        m_boxes, m_points = _mirror_prompts(boxes, points, self._original_size[1])
         m_logits, m_scores, _ = self._predict(
-            self._mirrored, *sizes, m_boxes, m_points, labels, multimask, None, as_logits=True
+            self._mirrored, *sizes, m_boxes, m_points, labels, multimask, None, threshold=None
         )
         prob = (torch.sigmoid(logits) + torch.sigmoid(m_logits.flip(-1))) / 2
-        threshold = torch.sigmoid(torch.tensor(float(self.model.mask_threshold)))
-        return Prediction(masks=prob > threshold, scores=(scores + m_scores) / 2, logits=low_res)
+        return prob, (scores + m_scores) / 2, low_res
 
     def predict_from_embedding(
         self,
@@ -282,8 +349,9 @@ class Segmenter:
         """`predict` on an embedding from `embed` (1xCxhxw or Cxhxw, any float dtype and device,
         e.g. fp16 from a cache) with its input_size and original_size (H, W)."""
         masks, scores, low_res = self._predict(
-            embedding, input_size, original_size, boxes, points, labels, multimask, mask_input
-        )
+            embedding, input_size, original_size, boxes, points, labels, multimask, mask_input,
+            threshold=self.threshold_for(boxes),
+        )  # fmt: skip
         return Prediction(masks=masks, scores=scores, logits=low_res)
 
     def _predict(
@@ -297,11 +365,11 @@ class Segmenter:
         multimask: bool,
         mask_input: np.ndarray | torch.Tensor | None,
         *,
-        as_logits: bool = False,
+        threshold: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`predict_from_embedding`'s work -> (masks (N, H, W) bool, or with ``as_logits`` the
-        float logits at the image size; scores (N,); low-resolution logits (N, h, w)), ordinary
-        CPU tensors."""
+        """`predict_from_embedding`'s work -> (masks (N, H, W) bool, the logits at the image
+        size ``> threshold``, or with ``threshold=None`` those float logits; scores (N,);
+        low-resolution logits (N, h, w)), ordinary CPU tensors."""
         emb = self._check_embedding(embedding)
         input_size, original_size = self._check_sizes(input_size, original_size)
         height, width = original_size
@@ -324,7 +392,9 @@ class Segmenter:
         n = n_sizes.pop()
         if n == 0:
             return (
-                torch.zeros((0, height, width), dtype=torch.float if as_logits else torch.bool),
+                torch.zeros(
+                    (0, height, width), dtype=torch.float if threshold is None else torch.bool
+                ),
                 torch.zeros(0),
                 torch.zeros((0, *self.model.prompt_encoder.mask_input_size)),
             )
@@ -340,7 +410,7 @@ class Segmenter:
                 None if pts_t is None else (pts_t[part], lab_t[part]),
                 None if mask_t is None else mask_t[part],
                 multimask,
-                as_logits,
+                threshold,
             )
             for acc, t in zip((masks, scores, logits), out, strict=True):
                 acc.append(t)
@@ -381,11 +451,11 @@ class Segmenter:
         points: tuple[np.ndarray, np.ndarray] | None,
         mask_input: torch.Tensor | None,
         multimask: bool,
-        as_logits: bool = False,
+        threshold: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompts already in the input frame -> masks (n, H, W) bool (thresholded on the
-        device; with ``as_logits`` the float logits at the image size), scores (n,),
-        low-resolution logits (n, h, w), on the CPU."""
+        """Prompts already in the input frame -> masks (n, H, W) bool (the logits at the image
+        size ``> threshold``, on the device; with ``threshold=None`` those float logits),
+        scores (n,), low-resolution logits (n, h, w), on the CPU."""
         model, device = self.model, self.device
         box_t = None if boxes is None else torch.as_tensor(boxes, dtype=torch.float, device=device)
         pts = None
@@ -405,7 +475,7 @@ class Segmenter:
         rows = torch.arange(len(iou), device=iou.device)
         low_res, iou = low_res[rows, best][:, None], iou[rows, best]
         up = model.postprocess_masks(low_res, input_size, original_size)
-        up = up[:, 0].float() if as_logits else up[:, 0] > model.mask_threshold
+        up = up[:, 0].float() if threshold is None else up[:, 0] > threshold
         return up.cpu(), iou.float().cpu(), low_res[:, 0].cpu()
 
     # ---------------------------------------------------------------------------------------

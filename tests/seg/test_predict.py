@@ -325,10 +325,7 @@ def test_mirroring_averages_both_orientations_and_is_flip_equivariant(image, pro
         plain.set_image(img)
         b, p = (m_boxes, m_points) if flip else (BOXES, POINTS)
         given = (b, None, None) if prompt == "box" else (None, p, LABELS)
-        sizes = (plain._input_size, plain._original_size)
-        logits = plain._predict(
-            plain._embedding, *sizes, *given, prompt == "point", None, as_logits=True
-        )[0]  # at the image size
+        logits = plain.predict_logits(*given, multimask=prompt == "point")  # at the image size
         probs.append(torch.sigmoid(logits.flip(-1) if flip else logits))
     want = (probs[0] + probs[1]) / 2 > 0.5
     assert 0 < want.sum() < want.numel()

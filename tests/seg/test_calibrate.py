@@ -1,0 +1,170 @@
+"""Mask thresholds per prompt kind (`Segmenter.mask_thresholds`) and their calibration on
+synthetic data (`medfm.seg.calibrate`, ``medfm seg calibrate``, the recipe step)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medfm.cli.main import app
+from medfm.errors import MedfmError
+from medfm.seg import models
+from medfm.seg.calibrate import calibrate, threshold_dice
+from medfm.seg.evaluate import evaluate
+from medfm.seg.models import build_medfm_tiny, read_config, save_pretrained
+from medfm.seg.predict import Segmenter
+
+from .conftest import TINY_SPEC, randomize_, tiny_sam
+from .test_evaluate import write_sets
+from .test_predict import BOXES, LABELS, POINTS
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    g = np.random.default_rng(1)
+    rows, cols = np.mgrid[0:30, 0:50]
+    img = 60 + g.normal(0, 10, (30, 50))
+    img[((rows - 15) / 9) ** 2 + ((cols - 25) / 14) ** 2 <= 1] += 110
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    return write_sets(tmp_path_factory.mktemp("calib"))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return save_pretrained(
+        randomize_(build_medfm_tiny(), seed=3), tmp_path / "m", name="medfm-tiny"
+    )
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_each_prompt_kind_gets_its_threshold(image, mirror):
+    seg = Segmenter(tiny_sam(TINY_SPEC, seed=5), "vit_b", mirror=mirror)
+    assert seg.mask_thresholds == {"box": 0.0, "point": 0.0}  # SAM's mask_threshold
+    seg.set_image(image)
+    asks = {
+        "box": {"boxes": BOXES},
+        "point": {"points": POINTS, "labels": LABELS},
+        "both": {"boxes": BOXES, "points": POINTS, "labels": LABELS},
+    }
+    logits = {k: seg.predict_logits(**a) for k, a in asks.items()}
+    plain = {k: seg.predict(**a).masks for k, a in asks.items()}
+    for k in asks:
+        assert torch.equal(plain[k], logits[k] > 0)
+    seg.mask_thresholds = {"box": -1.5, "point": 0.7}
+    for k, a in asks.items():
+        t = 0.7 if k == "point" else -1.5  # a prompt with a box is a box prompt
+        masks = seg.predict(**a).masks
+        assert torch.equal(masks, logits[k] > t)
+        assert (masks >= plain[k]).all() if t < 0 else (masks <= plain[k]).all()
+        assert not torch.equal(masks, plain[k])
+
+
+def test_thresholds_are_checked_and_read_from_config(folder, monkeypatch):
+    with pytest.raises(MedfmError, match="prompt kinds"):
+        Segmenter(tiny_sam(TINY_SPEC), "vit_b", mask_thresholds={"boxes": -1.0})
+    assert Segmenter.from_pretrained(folder).mask_thresholds == {"box": 0.0, "point": 0.0}
+    config = read_config(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "mask_thresholds": {"box": -2}}))
+    monkeypatch.setattr(models, "BUNDLED_DIR", folder)
+    for s in (Segmenter.from_pretrained(folder), Segmenter.from_pretrained("medfm-tiny")):
+        assert s.mask_thresholds == {"box": -2.0, "point": 0.0}
+    (folder / "config.json").write_text(json.dumps({**config, "mask_thresholds": {"box": "x"}}))
+    with pytest.raises(MedfmError, match="mask_thresholds must map"):
+        Segmenter.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("prompt", ["box", "point"])
+def test_threshold_dice_is_the_evaluation_at_each_threshold(sets, folder, prompt):
+    seg = Segmenter.from_pretrained(folder)
+    for data in sets:  # a 2D .png set and a 3D .nii.gz set
+        grid = [-1.0, 0.0, 0.5]
+        dice = threshold_dice(seg, data, prompt, grid)
+        for t, d in zip(grid, dice, strict=True):
+            seg.mask_thresholds = {"box": t, "point": t}
+            report = evaluate(seg, data, prompt)
+            assert report["mask_threshold"] == t
+            assert d == pytest.approx(report["mean_dice"], abs=1e-6)  # MONAI: float32
+        seg.mask_thresholds = {"box": 0.0, "point": 0.0}
+    with pytest.raises(MedfmError, match="grid is empty"):
+        threshold_dice(seg, sets[0], prompt, [])
+
+
+def test_calibrate_writes_the_best_threshold_of_each_prompt(sets, folder):
+    before = read_config(folder)
+    grid = [-3.0, -1.0, 0.0, 1.0]
+    record = calibrate(folder.parent / "m", sets, ("box",), grid)
+    config = read_config(folder)
+    seg = Segmenter.from_pretrained(folder)
+    seg.mask_thresholds = {"box": 0.0, "point": 0.0}
+    sets_dice = [threshold_dice(seg, d, "box", grid) for d in sets]
+    mean = np.round(np.mean(sets_dice, axis=0), 9)
+    best = [t for t, m in zip(grid, mean, strict=True) if m == mean.max()]
+    want = min(best, key=abs)  # ties: the threshold nearest 0
+    assert record["prompts"]["box"]["threshold"] == want
+    assert record["prompts"]["box"]["mean_dice"] == pytest.approx(mean.tolist(), abs=1e-6)
+    assert config["mask_thresholds"] == {"box": want}
+    assert config["calibration"] == record and record["data"] == [str(d) for d in sets]
+    assert {k: v for k, v in config.items() if k not in ("mask_thresholds", "calibration")} == {
+        k: v for k, v in before.items()
+    }
+    # again, for clicks: the box threshold stays, the sweep starts from 0 (not the old ones)
+    calibrate(folder, sets[:1], ("point",), grid)
+    again = read_config(folder)
+    assert set(again["mask_thresholds"]) == {"box", "point"}
+    assert again["mask_thresholds"]["box"] == config["mask_thresholds"]["box"]
+
+
+def test_calibrate_errors(sets, folder, tmp_path):
+    with pytest.raises(MedfmError, match="not a medfm model folder"):
+        calibrate(tmp_path / "nothing", sets)
+    with pytest.raises(MedfmError, match="at least one dataset"):
+        calibrate(folder, [])
+    with pytest.raises(MedfmError, match="grid is empty"):
+        calibrate(folder, sets, grid=[])
+    with pytest.raises(MedfmError, match="is not a folder"):
+        calibrate(folder, [tmp_path / "absent"])
+    assert "mask_thresholds" not in read_config(folder)  # nothing written
+
+
+def test_cli_and_recipe(sets, folder, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(
+        app,
+        ["seg", "calibrate", str(folder), "--data", str(sets[0]), "--prompt", "box",
+         "--grid", "-2,0"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "box: mean Dice by threshold" in r.output
+    assert read_config(folder)["calibration"]["grid"] == [-2.0, 0.0]
+    r = runner.invoke(app, ["seg", "calibrate", str(tmp_path / "x"), "--data", str(sets[0])])
+    assert r.exit_code == 2 and "not a medfm model folder" in r.output
+    r = runner.invoke(app, ["seg", "calibrate", str(folder), "--data", str(sets[0]), "--grid", "a"])
+    assert r.exit_code == 2 and "comma-separated numbers" in r.output
+    for model, code in ((folder, 0), ("box-ellipse", 2)):
+        r = runner.invoke(
+            app,
+            ["seg", "evaluate", "-m", str(model), "--data", str(sets[0]), "--prompt", "box",
+             "--out", str(tmp_path / "r.json"), "--mask-threshold", "-1.25"],
+        )  # fmt: skip
+        assert r.exit_code == code, r.output
+    assert json.loads((tmp_path / "r.json").read_text())["mask_threshold"] == -1.25
+    assert "no mask threshold" in r.output
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: c\nsteps:\n  - calibrate: {{model: {folder}, data: [{sets[0]}, {sets[1]}], "
+        "prompts: [point], grid: [-1, 0.5]}\n"
+    )
+    r = runner.invoke(app, ["run", str(recipe)])
+    assert r.exit_code == 0, r.output
+    config = read_config(folder)
+    assert config["calibration"]["prompts"].keys() == {"point"}
+    assert config["mask_thresholds"]["point"] in (-1.0, 0.5)
+    recipe.write_text(f"name: c\nsteps:\n  - calibrate: {{model: {folder}, data: []}}\n")
+    r = runner.invoke(app, ["run", str(recipe)])
+    assert r.exit_code == 2 and "steps.0" in r.output
