@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from medfm.errors import MedfmError
-from medfm.seg.evaluate import PROMPTS, _images, check_prompt, list_eval_cases, slice_prompts
+from medfm.seg.evaluate import (
+    PROMPTS,
+    _images,
+    ask_prompts,
+    check_prompt,
+    list_eval_cases,
+    slice_prompts,
+)
 from medfm.seg.types import click_multimask
 
 __all__ = ["DEFAULT_GRID", "calibrate", "threshold_dice"]
@@ -61,12 +68,7 @@ def threshold_dice(
             for k, rgb, lab2d in _images(image.data, label.data):
                 sp = slice_prompts(lab2d)
                 segmenter.set_image(rgb)
-                if prompt == "box":
-                    out = segmenter.predict_logits(boxes=sp.boxes, multimask=multimask)
-                else:
-                    out = segmenter.predict_logits(
-                        points=sp.points, labels=sp.point_labels, multimask=multimask
-                    )
+                out = ask_prompts(segmenter.predict_logits, sp, prompt, multimask)
                 for v, m in zip(sp.values.tolist(), out.numpy(), strict=True):
                     if lab.ndim == 2:
                         logits[v] = m

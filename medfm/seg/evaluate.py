@@ -57,6 +57,7 @@ __all__ = [
     "NSD_TOLERANCE",
     "PROMPTS",
     "SlicePrompts",
+    "ask_prompts",
     "check_prompt",
     "evaluate",
     "innermost_point",
@@ -132,6 +133,14 @@ def slice_prompts(label: np.ndarray) -> SlicePrompts:
         points=points,
         point_labels=np.ones((len(values), 1), dtype=np.int64),
     )
+
+
+def ask_prompts(ask: Callable, sp: SlicePrompts, prompt: str, multimask: bool):
+    """``ask`` (a predictor's ``predict``, or ``Segmenter.predict_logits``) with the image's
+    protocol prompts of kind ``prompt``: its boxes, or its clicks with their labels."""
+    if prompt == "box":
+        return ask(boxes=sp.boxes, multimask=multimask)
+    return ask(points=sp.points, labels=sp.point_labels, multimask=multimask)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -389,10 +398,7 @@ def _evaluate_case(
     for k, rgb, lab2d in _images(image.data, label.data):
         sp = slice_prompts(lab2d)
         predictor.set_image(rgb)
-        if prompt == "box":
-            out = predictor.predict(boxes=sp.boxes, multimask=multimask)
-        else:
-            out = predictor.predict(points=sp.points, labels=sp.point_labels, multimask=multimask)
+        out = ask_prompts(predictor.predict, sp, prompt, multimask)
         masks = out.masks.detach().cpu().numpy() if torch.is_tensor(out.masks) else out.masks
         masks = np.asarray(masks)
         if masks.shape != (len(sp.values), *lab2d.shape):
