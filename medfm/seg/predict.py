@@ -315,8 +315,9 @@ class Segmenter:
 
     def threshold_for(self, boxes: object) -> float:
         """The logit threshold of a prompt: ``mask_thresholds["box"]`` when it has boxes, else
-        ``mask_thresholds["point"]``."""
-        return self.mask_thresholds["box" if boxes is not None else "point"]
+        ``mask_thresholds["point"]`` (a kind missing from it: the model's ``mask_threshold``)."""
+        kind = "box" if boxes is not None else "point"
+        return float(self.mask_thresholds.get(kind, self.model.mask_threshold))
 
     def _mirrored_probs(
         self, boxes: object, points: object, labels: object, multimask: bool

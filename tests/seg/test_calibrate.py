@@ -63,6 +63,8 @@ def test_each_prompt_kind_gets_its_threshold(image, mirror):
         assert torch.equal(masks, logits[k] > t)
         assert (masks >= plain[k]).all() if t < 0 else (masks <= plain[k]).all()
         assert not torch.equal(masks, plain[k])
+    seg.mask_thresholds = {"point": 0.7}  # set by hand, without "box": the model's 0
+    assert torch.equal(seg.predict(boxes=BOXES).masks, plain["box"])
 
 
 def test_thresholds_are_checked_and_read_from_config(folder, monkeypatch):
