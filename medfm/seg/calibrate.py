@@ -131,7 +131,6 @@ def calibrate(
     for d in data:
         list_eval_cases(d, None)  # a clear error for a missing or empty set, before any work
     segmenter = Segmenter.from_pretrained(folder, device=device)
-    segmenter.mask_thresholds = dict.fromkeys(segmenter.prompt_types, 0.0)  # not the old ones
     record: dict = {"data": [str(d) for d in data], "grid": grid, "prompts": {}}
     chosen: dict[str, float] = {}
     for p in prompts:
