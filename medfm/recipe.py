@@ -1,7 +1,7 @@
-"""Recipes: a YAML file of steps (synthetic data, training, calibration, evaluation),
-validated by pydantic and run in order by ``medfm run RECIPE``. Every step resumes: running a
-recipe again after a kill continues where it stopped. Relative paths are relative to the working
-directory.
+"""Recipes: a YAML file of steps (synthetic data, training, weight averaging, calibration,
+evaluation), validated by pydantic and run in order by ``medfm run RECIPE``. Every step resumes:
+running a recipe again after a kill continues where it stopped. Relative paths are relative to
+the working directory.
 
     name: medfm-tiny
     steps:
@@ -80,6 +80,15 @@ class CalibrateArgs(BaseModel):
     device: str = "cpu"
 
 
+class AverageArgs(BaseModel):
+    """`medfm.seg.average.average_models`'s arguments: the weight average of models."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: tuple[str, ...] = Field(min_length=2)
+    out: str
+
+
 class SynthStep(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     synth: SynthArgs
@@ -107,6 +116,11 @@ class CalibrateStep(BaseModel):
     calibrate: CalibrateArgs
 
 
+class AverageStep(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    average: AverageArgs
+
+
 def _step_kind(value) -> str | None:
     """A step is a mapping with one key naming its kind: pick the model by that key."""
     if isinstance(value, dict):
@@ -114,11 +128,12 @@ def _step_kind(value) -> str | None:
     return next((k for k in STEP_KINDS if hasattr(value, k)), None)
 
 
-STEP_KINDS = ("synth", "monai_shapes", "train", "calibrate", "evaluate")
+STEP_KINDS = ("synth", "monai_shapes", "train", "average", "calibrate", "evaluate")
 Step = Annotated[
     Annotated[SynthStep, Tag("synth")]
     | Annotated[MonaiShapesStep, Tag("monai_shapes")]
     | Annotated[TrainStep, Tag("train")]
+    | Annotated[AverageStep, Tag("average")]
     | Annotated[CalibrateStep, Tag("calibrate")]
     | Annotated[EvaluateStep, Tag("evaluate")],
     Discriminator(_step_kind),
@@ -179,6 +194,12 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=N
             resume = (Path(cfg.out) / "train_config.json").exists()
             final = train(cfg, resume=resume, log=lambda m: log(f"    {m}"), progress=progress)
             log(f"    model in {final}")
+        elif isinstance(step, AverageStep):
+            from medfm.seg.average import average_models
+
+            a = step.average
+            log(f"[{i}/{len(recipe.steps)}] average {', '.join(a.models)} -> {a.out}")
+            average_models(a.models, a.out)
         elif isinstance(step, CalibrateStep):
             from medfm.seg.calibrate import DEFAULT_GRID, calibrate
 

@@ -146,6 +146,22 @@ def seg_calibrate(
     calibrate(model, data, prompts, thresholds, device=device, log=typer.echo)
 
 
+@seg_app.command("average")
+@user_errors
+def seg_average(
+    models: Annotated[
+        list[Path],
+        typer.Argument(help="Two or more medfm model folders or training runs, of one model."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
+) -> None:
+    """Average the weights of models fine-tuned from one model (a model soup)."""
+    from medfm.seg.average import average_models
+
+    folder = average_models(models, out)
+    typer.echo(f"average of {len(models)} models in {folder}; calibrate it before use")
+
+
 @seg_app.command("train")
 @user_errors
 def seg_train(

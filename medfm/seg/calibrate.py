@@ -28,6 +28,7 @@ from medfm.seg.evaluate import (
     list_eval_cases,
     slice_prompts,
 )
+from medfm.seg.models import model_folder
 from medfm.seg.types import click_multimask
 
 __all__ = ["DEFAULT_GRID", "calibrate", "threshold_dice"]
@@ -90,18 +91,6 @@ def threshold_dice(
     return np.mean(per_case, axis=0).tolist()
 
 
-def _model_folder(model: str | os.PathLike) -> Path:
-    folder = Path(model)
-    if (folder / "model" / "config.json").is_file():
-        folder = folder / "model"  # a training run's folder: its final model
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise MedfmError(
-            f"{model} is not a medfm model folder (config.json + model.safetensors) or a "
-            "training run's folder; calibration writes into the model's config.json"
-        )
-    return folder
-
-
 def calibrate(
     model: str | os.PathLike,
     data: Sequence[str | os.PathLike],
@@ -120,7 +109,7 @@ def calibrate(
     from medfm.seg.models import read_config
     from medfm.seg.predict import Segmenter
 
-    folder = _model_folder(model)
+    folder = model_folder(model, purpose="calibration writes into its config.json")
     if not data:
         raise MedfmError("give at least one dataset to calibrate on (--data)")
     for p in prompts:

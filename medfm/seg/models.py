@@ -55,6 +55,7 @@ __all__ = [
     "build_sam_vit",
     "load_pretrained",
     "load_sam_checkpoint",
+    "model_folder",
     "read_config",
     "save_pretrained",
     "spec_of",
@@ -492,6 +493,21 @@ def read_config(folder: str | os.PathLike) -> dict:
         if not isinstance(spec, dict) or set(spec) != names:
             raise MedfmError(f"{path}: 'spec' must be null or have the fields {sorted(names)}")
     return config
+
+
+def model_folder(model: str | os.PathLike, *, purpose: str) -> Path:
+    """A medfm model folder (config.json + model.safetensors), or a training run's folder (its
+    final ``model/``) -> that model folder. ``purpose`` ends the error for anything else (what
+    the caller does with the folder)."""
+    folder = Path(model)
+    if (folder / "model" / CONFIG_NAME).is_file():
+        folder = folder / "model"  # a training run's folder: its final model
+    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+        raise MedfmError(
+            f"{model} is not a medfm model folder (config.json + model.safetensors) or a "
+            f"training run's folder; {purpose}"
+        )
+    return folder
 
 
 def _spec_from_config(config: dict) -> SamSpec | None:

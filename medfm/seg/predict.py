@@ -84,9 +84,12 @@ def _mask_thresholds(config: dict) -> dict[str, float]:
     return {k: float(v) for k, v in given.items()}
 
 
-def _multimask_clicks(config: dict) -> bool:
-    """A medfm model folder's config.json -> whether its training gave single clicks SAM's
-    three outputs (``train_config.prompt.multimask``; True when it does not say)."""
+def multimask_clicks(config: dict) -> bool:
+    """A medfm model folder's config.json -> whether single clicks get SAM's three outputs:
+    its ``multimask_clicks`` (an average of models, `medfm.seg.average`), else what its
+    training gave them (``train_config.prompt.multimask``); True when it does not say."""
+    if "multimask_clicks" in config:
+        return bool(config["multimask_clicks"])
     prompt = (config.get("train_config") or {}).get("prompt") or {}
     return bool(prompt.get("multimask", True))
 
@@ -174,7 +177,7 @@ class Segmenter:
             thresholds: dict[str, float] = {}
             if weights is not None and (Path(weights) / CONFIG_NAME).is_file():
                 config = read_config(weights)
-                clicks, coords = _multimask_clicks(config), "pixel"
+                clicks, coords = multimask_clicks(config), "pixel"
                 thresholds = _mask_thresholds(config)
             model = build_model(key, weights)
             return cls(
@@ -192,7 +195,7 @@ class Segmenter:
                 )
             model, config = load_pretrained(folder)
             return cls(
-                model, config["model"], device, multimask_clicks=_multimask_clicks(config),
+                model, config["model"], device, multimask_clicks=multimask_clicks(config),
                 mirror=mirror, coords="pixel", mask_thresholds=_mask_thresholds(config),
             )  # fmt: skip
         raise MedfmError(

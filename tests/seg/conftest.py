@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from segment_anything.modeling import Sam
@@ -84,3 +85,13 @@ def write_tiny_checkpoint(tmp_path) -> Callable[..., tuple[Path, dict]]:
         return path, state
 
     return write
+
+
+@pytest.fixture(scope="module")
+def ellipse_image() -> np.ndarray:
+    """A 30 x 50 grey image: a bright ellipse on a noisy background."""
+    g = np.random.default_rng(1)
+    rows, cols = np.mgrid[0:30, 0:50]
+    img = 60 + g.normal(0, 10, (30, 50))
+    img[((rows - 15) / 9) ** 2 + ((cols - 25) / 14) ** 2 <= 1] += 110
+    return np.clip(img, 0, 255).astype(np.uint8)

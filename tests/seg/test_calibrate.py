@@ -22,15 +22,6 @@ from .test_predict import BOXES, LABELS, POINTS
 
 
 @pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    g = np.random.default_rng(1)
-    rows, cols = np.mgrid[0:30, 0:50]
-    img = 60 + g.normal(0, 10, (30, 50))
-    img[((rows - 15) / 9) ** 2 + ((cols - 25) / 14) ** 2 <= 1] += 110
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     return write_sets(tmp_path_factory.mktemp("calib"))
 
@@ -43,10 +34,10 @@ def folder(tmp_path):
 
 
 @pytest.mark.parametrize("mirror", [False, True])
-def test_each_prompt_kind_gets_its_threshold(image, mirror):
+def test_each_prompt_kind_gets_its_threshold(ellipse_image, mirror):
     seg = Segmenter(tiny_sam(TINY_SPEC, seed=5), "vit_b", mirror=mirror)
     assert seg.mask_thresholds == {"box": 0.0, "point": 0.0}  # SAM's mask_threshold
-    seg.set_image(image)
+    seg.set_image(ellipse_image)
     asks = {
         "box": {"boxes": BOXES},
         "point": {"points": POINTS, "labels": LABELS},

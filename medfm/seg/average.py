@@ -1,0 +1,73 @@
+"""Weight averaging of fine-tuned models: `average_models` (a uniform "model soup").
+
+Models fine-tuned from one starting model, with other data, losses or seeds, often sit in one
+basin of the loss, where the mean of their weights is a model at least as good as each
+(Wortsman et al., "Model soups", ICML 2022). `average_models` writes that mean as a medfm model
+folder: every floating-point tensor of the state dict averaged (BatchNorm's running statistics
+too), integer ones (BatchNorm's batch counts) the largest. Averaging models trained from
+different starting points gives a broken model; that is the caller's to avoid.
+
+The averaged folder's config.json lists where each model came from (``averaged_from``: its
+folder, starting checkpoint and training config) and whether single clicks use SAM's three
+outputs (``multimask_clicks``, which the models must agree on). The models' calibrated mask
+thresholds are not carried over: calibrate the average (`medfm.seg.calibrate`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from medfm.errors import MedfmError
+from medfm.seg.models import load_pretrained, model_folder, save_pretrained
+
+__all__ = ["average_models"]
+
+
+def average_models(models: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Write the uniform weight average of the medfm model folders (or training runs)
+    ``models`` (at least two, one architecture) to the model folder ``out``; returns it."""
+    from medfm.seg.predict import multimask_clicks
+
+    if len(models) < 2:
+        raise MedfmError(f"give at least two models to average, got {len(models)}")
+    folders = [model_folder(m, purpose="averaging reads its weights") for m in models]
+    out = Path(out)
+    if any(out.resolve() == f.resolve() for f in folders):
+        raise MedfmError(f"--out {out} is one of the models to average; write the average apart")
+    loaded = [load_pretrained(f) for f in folders]
+    first, config0 = loaded[0]
+    for folder, (_, config) in zip(folders[1:], loaded[1:], strict=True):
+        if (config["model"], config.get("spec")) != (config0["model"], config0.get("spec")):
+            raise MedfmError(
+                f"{folder} is a {config['model']} model of another architecture than "
+                f"{folders[0]} ({config0['model']}); only models of one architecture average"
+            )
+    clicks = {multimask_clicks(config) for _, config in loaded}
+    if len(clicks) > 1:
+        raise MedfmError(
+            "the models disagree on single clicks (some were trained with SAM's three outputs, "
+            "some with the single output); average models trained the same way"
+        )
+    states = [model.state_dict() for model, _ in loaded]
+    mean = {}
+    for key, value in states[0].items():
+        stacked = torch.stack([s[key] for s in states])
+        if value.is_floating_point():
+            mean[key] = stacked.double().mean(dim=0).to(value.dtype)
+        else:
+            mean[key] = stacked.max(dim=0).values
+    first.load_state_dict(mean)
+    sources = [
+        {
+            "folder": str(folder),
+            "base_checkpoint": config.get("base_checkpoint"),
+            "train_config": config.get("train_config"),
+        }
+        for folder, (_, config) in zip(folders, loaded, strict=True)
+    ]
+    extra = {"averaged_from": sources, "multimask_clicks": clicks.pop()}
+    return save_pretrained(first, out, name=config0["model"], extra=extra)
