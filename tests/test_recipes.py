@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from medfm.errors import MedfmError
-from medfm.recipe import TrainStep, load_recipe
+from medfm.recipe import AverageStep, TrainStep, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -27,9 +27,13 @@ def test_the_ablation_trains_exactly_like_medfm_tiny():
     def train_steps(name):
         recipe = load_recipe(RECIPES[0].parent / name)
         cfgs = [s.train for s in recipe.steps if isinstance(s, TrainStep)]
-        # each stage starts from the previous stage's model
-        assert [c.checkpoint for c in cfgs[1:]] == [f"{c.out}/model" for c in cfgs[:-1]]
+        # each stage starts from the previous stage's model; stage 8's two fine-tunings
+        # (averaged by the recipe's average step) both from stage 7's
+        starts = [f"{c.out}/model" for c in cfgs[:7]] + [f"{cfgs[6].out}/model"]
+        assert [c.checkpoint for c in cfgs[1:]] == starts
+        averages = [s.average for s in recipe.steps if isinstance(s, AverageStep)]
+        assert [a.models for a in averages] == [tuple(f"{c.out}/model" for c in cfgs[7:])]
         return [c.model_dump(exclude={"data", "out", "checkpoint"}) for c in cfgs]
 
     tiny = train_steps("medfm_tiny.yaml")
-    assert len(tiny) == 7 and tiny == train_steps("medfm_tiny_ablation_monai.yaml")
+    assert len(tiny) == 9 and tiny == train_steps("medfm_tiny_ablation_monai.yaml")
