@@ -387,6 +387,6 @@ def seg_export(
 ) -> None:
     """Write weights that segment-anything's sam_model_registry loads (ViT models)."""
     from medfm.seg.export import export_run
+    from medfm.seg.models import run_model_dir
 
-    folder = run / "model" if (run / "model" / "config.json").is_file() else run
-    typer.echo(str(export_run(folder, out)))
+    typer.echo(str(export_run(run_model_dir(run), out)))

@@ -57,6 +57,7 @@ __all__ = [
     "load_sam_checkpoint",
     "model_folder",
     "read_config",
+    "run_model_dir",
     "save_pretrained",
     "spec_of",
     "weights_for",
@@ -495,13 +496,17 @@ def read_config(folder: str | os.PathLike) -> dict:
     return config
 
 
+def run_model_dir(path: str | os.PathLike) -> Path:
+    """A training run's folder -> its final model folder (``model/``); any other path as is."""
+    folder = Path(path)
+    return folder / "model" if (folder / "model" / CONFIG_NAME).is_file() else folder
+
+
 def model_folder(model: str | os.PathLike, *, purpose: str) -> Path:
     """A medfm model folder (config.json + model.safetensors), or a training run's folder (its
     final ``model/``) -> that model folder. ``purpose`` ends the error for anything else (what
     the caller does with the folder)."""
-    folder = Path(model)
-    if (folder / "model" / CONFIG_NAME).is_file():
-        folder = folder / "model"  # a training run's folder: its final model
+    folder = run_model_dir(model)
     if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
         raise MedfmError(
             f"{model} is not a medfm model folder (config.json + model.safetensors) or a "

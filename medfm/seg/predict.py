@@ -31,6 +31,7 @@ from medfm.seg.models import (
     build_model,
     load_pretrained,
     read_config,
+    run_model_dir,
     weights_for,
 )
 from medfm.seg.prompts import resize_boxes, resize_points
@@ -184,9 +185,7 @@ class Segmenter:
                 model, key, device, multimask_clicks=clicks, mirror=mirror, coords=coords,
                 mask_thresholds=thresholds,
             )  # fmt: skip
-        folder = Path(name_or_dir)
-        if (folder / "model" / "config.json").is_file():
-            folder = folder / "model"  # a training run's folder: its final model
+        folder = run_model_dir(name_or_dir)
         if folder.is_dir() and (folder / "config.json").is_file():
             if checkpoint is not None:
                 raise MedfmError(
