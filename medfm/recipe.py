@@ -64,6 +64,9 @@ class EvaluateArgs(BaseModel):
     mask_threshold: float | None = Field(
         None, description="the masks' logit threshold instead of the model's (--mask-threshold)"
     )
+    box_crop: bool | None = Field(
+        None, description="box masks kept inside their box, or not, instead of the model's"
+    )
     skip_missing: bool = Field(True, description="skip (with a message) when data is absent")
 
 
@@ -78,6 +81,9 @@ class CalibrateArgs(BaseModel):
     prompts: tuple[Literal["box", "point"], ...] = Field(("box", "point"), min_length=1)
     grid: tuple[float, ...] | None = Field(None, min_length=1)
     device: str = "cpu"
+    box_crop: tuple[bool, ...] = Field(
+        (False, True), min_length=1, description="box crop settings tried for box prompts"
+    )
 
 
 class AverageArgs(BaseModel):
@@ -207,8 +213,9 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=N
             log(f"[{i}/{len(recipe.steps)}] calibrate {a.model} on {', '.join(a.data)}")
             grid = DEFAULT_GRID if a.grid is None else a.grid
             calibrate(
-                a.model, a.data, a.prompts, grid, device=a.device, log=lambda m: log(f"    {m}")
-            )
+                a.model, a.data, a.prompts, grid, device=a.device, log=lambda m: log(f"    {m}"),
+                box_crop=a.box_crop,
+            )  # fmt: skip
         else:
             from medfm.seg.evaluate import evaluate, load_predictor, write_report
 
@@ -221,7 +228,7 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=N
             log(f"[{i}/{len(recipe.steps)}] evaluate {a.model} on {a.data} ({a.prompt})")
             predictor = load_predictor(
                 a.model, a.checkpoint, device=a.device, mirror=a.mirror,
-                mask_threshold=a.mask_threshold,
+                mask_threshold=a.mask_threshold, box_crop=a.box_crop,
             )  # fmt: skip
             report = evaluate(
                 predictor, a.data, a.prompt, overlays=Path(a.overlays) if a.overlays else None

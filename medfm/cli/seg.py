@@ -35,6 +35,17 @@ ThresholdOption = Annotated[
 ]
 
 
+BoxCropOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--box-crop/--no-box-crop",
+        help="Keep each box-prompted mask inside its box, or not, instead of the model's own "
+        "setting (config.json's box_crop, from medfm seg calibrate; else not).",
+        show_default=False,
+    ),
+]
+
+
 def user_errors(fn: F) -> F:
     """``medfm.cli.main.user_errors``, looked up when the command runs, so that main.py can
     import this module at its top without a circular import."""
@@ -82,6 +93,7 @@ def seg_evaluate(
     ] = None,
     mirror: MirrorOption = False,
     mask_threshold: ThresholdOption = None,
+    box_crop: BoxCropOption = None,
 ) -> None:
     """Dice and surface Dice of a model with one prompt per label and image (DESIGN.md)."""
     from medfm.cli.progress import progress_bar
@@ -99,8 +111,9 @@ def seg_evaluate(
     if out.is_dir():
         raise MedfmError(f"--out {out} is a folder; give a file name such as report.json")
     predictor = load_predictor(
-        model, checkpoint, device=device, mirror=mirror, mask_threshold=mask_threshold
-    )
+        model, checkpoint, device=device, mirror=mirror, mask_threshold=mask_threshold,
+        box_crop=box_crop,
+    )  # fmt: skip
     with progress_bar() as bar:
         task = bar.add_task(f"evaluating {model}", total=None)
         report = evaluate(
@@ -137,13 +150,23 @@ def seg_calibrate(
         typer.Option(help="Logit thresholds to try, comma-separated (default -4..1)."),
     ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    no_box_crop: Annotated[
+        bool,
+        typer.Option(
+            "--no-box-crop",
+            help="Do not try cropping box-prompted masks to their box (for boxes that may cut "
+            "their object).",
+        ),
+    ] = False,
 ) -> None:
-    """Choose the mask threshold of each prompt kind on synthetic data (never the real sets)."""
+    """Choose the mask threshold of each prompt kind (and whether box-prompted masks are
+    cropped to their box) on synthetic data (never the real sets)."""
     from medfm.seg.calibrate import DEFAULT_GRID, calibrate
 
     thresholds = DEFAULT_GRID if grid is None else _numbers(grid, "--grid")
     prompts = tuple(prompt) if prompt else ("box", "point")
-    calibrate(model, data, prompts, thresholds, device=device, log=typer.echo)
+    crops = (False,) if no_box_crop else (False, True)
+    calibrate(model, data, prompts, thresholds, device=device, log=typer.echo, box_crop=crops)
 
 
 @seg_app.command("average")
@@ -291,6 +314,7 @@ def seg_predict(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     mirror: MirrorOption = False,
     mask_threshold: ThresholdOption = None,
+    box_crop: BoxCropOption = None,
 ) -> None:
     """Segment an image from box or point prompts; object i gets label i in the output."""
     import numpy as np
@@ -324,8 +348,9 @@ def seg_predict(
         pixels = np.moveaxis(pixels, 0, -1) if pixels.ndim == 3 else pixels
         h, w = pixels.shape[:2]
     predictor = load_predictor(
-        model, checkpoint, device=device, mirror=mirror, mask_threshold=mask_threshold
-    )
+        model, checkpoint, device=device, mirror=mirror, mask_threshold=mask_threshold,
+        box_crop=box_crop,
+    )  # fmt: skip
     label = np.zeros(pixels.shape[:2] if not three_d else (h, w, depth), dtype=np.uint8)
 
     if box:

@@ -210,11 +210,14 @@ def load_predictor(
     *,
     mirror: bool = False,
     mask_threshold: float | None = None,
+    box_crop: bool | None = None,
 ) -> Predictor:
     """A baseline by name (``box-ellipse``, ``box-fill``) or a SAM model / run folder through
     ``medfm.seg.predict.Segmenter.from_pretrained(name, checkpoint, device=device,
     mirror=mirror)`` (``mirror``: test-time mirroring; baselines have none). ``mask_threshold``:
-    the logit threshold of every prompt kind, instead of the model's (`medfm.seg.calibrate`)."""
+    the logit threshold of every prompt kind, instead of the model's (`medfm.seg.calibrate`).
+    ``box_crop``: whether box-prompted masks are kept inside their box, instead of the model's
+    setting (`Segmenter`'s ``box_crop``)."""
     if name in BASELINES:
         if checkpoint is not None:
             raise MedfmError(f"the {name} baseline takes no checkpoint; drop --checkpoint")
@@ -222,12 +225,16 @@ def load_predictor(
             raise MedfmError(f"the {name} baseline has no test-time mirroring; drop --mirror")
         if mask_threshold is not None:
             raise MedfmError(f"the {name} baseline has no mask threshold; drop --mask-threshold")
+        if box_crop is not None:
+            raise MedfmError(f"the {name} baseline draws inside its box; drop --box-crop")
         return BASELINES[name]()
     from medfm.seg.predict import Segmenter
 
     seg = Segmenter.from_pretrained(name, checkpoint, device=device, mirror=mirror)
     if mask_threshold is not None:
         seg.mask_thresholds = dict.fromkeys(seg.prompt_types, float(mask_threshold))
+    if box_crop is not None:
+        seg.box_crop = bool(box_crop)
     return seg
 
 
@@ -307,6 +314,7 @@ def evaluate(
     Returns:
         The report: ``model``, ``prompt``, ``mirror`` (test-time mirroring), ``mask_threshold``
         (the logit threshold of the prompt's masks, `medfm.seg.calibrate`; None for baselines),
+        ``box_crop`` (box prompts: whether masks were kept inside their box; None for clicks),
         ``data``, ``nsd_tolerance``, ``n_cases``, ``mean_dice``, ``mean_nsd``, ``per_label`` ({name:
         {dice, nsd, n}}, labels present in at least one case), ``per_case`` ([{case, dice, nsd,
         labels: {name: {dice, nsd}}}]),
@@ -362,6 +370,7 @@ def evaluate(
         "prompt": prompt,
         "mirror": bool(getattr(predictor, "mirror", False)),
         "mask_threshold": (getattr(predictor, "mask_thresholds", None) or {}).get(prompt),
+        "box_crop": bool(getattr(predictor, "box_crop", False)) if prompt == "box" else None,
         "data": str(folder),
         "nsd_tolerance": NSD_TOLERANCE,
         "n_cases": len(per_case),

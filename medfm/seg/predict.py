@@ -37,7 +37,7 @@ from medfm.seg.models import (
 from medfm.seg.prompts import resize_boxes, resize_points
 from medfm.seg.types import Prediction, to_rgb_uint8
 
-__all__ = ["Segmenter"]
+__all__ = ["Segmenter", "box_region"]
 
 _CHUNK = 64  # prompts per decoder call: each holds a copy of the 256x64x64 embedding
 
@@ -85,6 +85,30 @@ def _mask_thresholds(config: dict) -> dict[str, float]:
     return {k: float(v) for k, v in given.items()}
 
 
+def box_region(boxes: np.ndarray | torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Boxes (N, 4) x0, y0, x1, y1 in pixels of a (height, width) image -> (N, height, width)
+    bool: the pixels each box covers, columns floor(x0)..ceil(x1) and rows floor(y0)..ceil(y1)
+    inclusive (a tight box's x1 / y1 is its last pixel; a fractional box keeps every pixel it
+    touches)."""
+    b = torch.as_tensor(np.asarray(boxes, dtype=np.float64)).reshape(-1, 4)
+    lo = b[:, :2].floor()
+    hi = b[:, 2:].ceil()
+    cols = torch.arange(width, dtype=b.dtype)
+    rows = torch.arange(height, dtype=b.dtype)
+    in_cols = (cols >= lo[:, :1]) & (cols <= hi[:, :1])  # (N, W)
+    in_rows = (rows >= lo[:, 1:]) & (rows <= hi[:, 1:])  # (N, H)
+    return in_rows[:, :, None] & in_cols[:, None, :]
+
+
+def _box_crop(config: dict) -> bool:
+    """A medfm model folder's config.json -> whether its box-prompted masks are cropped to
+    their box (``box_crop``, written by `medfm.seg.calibrate`; False when it does not say)."""
+    given = config.get("box_crop", False)
+    if not isinstance(given, bool):
+        raise MedfmError(f"config.json's box_crop must be true or false, got {given!r}")
+    return given
+
+
 def multimask_clicks(config: dict) -> bool:
     """A medfm model folder's config.json -> whether single clicks get SAM's three outputs:
     its ``multimask_clicks`` (an average of models, `medfm.seg.average`), else what its
@@ -123,6 +147,13 @@ class Segmenter:
             alone); a kind left out gets the model's ``mask_threshold`` (0, SAM's). A medfm
             model folder's config.json may hold thresholds chosen on synthetic data by
             `medfm.seg.calibrate`, which `from_pretrained` reads.
+        box_crop: keep a box-prompted mask inside its box (`box_region`): a box prompt is the
+            box around its object, so the model's pixels outside it are dropped. Off in SAM (and
+            for official checkpoints, so that masks stay ``SamPredictor``'s); a medfm model
+            folder's config.json may turn it on (``box_crop``, chosen by `medfm.seg.calibrate`
+            on synthetic data). ``predict(..., box_crop=...)`` overrides it per call (MedSAM's
+            3D propagation does, see `medfm.seg.volume.propagate_box3d`). The low-resolution
+            logits of a `Prediction` (fed back as ``mask_input``) are never cropped.
     """
 
     prompt_types = ("box", "point")
@@ -137,6 +168,7 @@ class Segmenter:
         mirror: bool = False,
         coords: Literal["pixel", "sam"] = "sam",
         mask_thresholds: Mapping[str, float] | None = None,
+        box_crop: bool = False,
     ) -> None:
         if coords not in ("pixel", "sam"):
             raise MedfmError(f"coords must be 'pixel' or 'sam', got {coords!r}")
@@ -154,6 +186,7 @@ class Segmenter:
         self.name = name
         self.multimask_clicks = multimask_clicks
         self.mirror = bool(mirror)
+        self.box_crop = bool(box_crop)
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.reset_image()
 
@@ -174,16 +207,16 @@ class Segmenter:
         key = str(name_or_dir)
         if key in SEG_MODELS:
             weights = weights_for(key, checkpoint)
-            clicks, coords = True, "sam"
+            clicks, coords, crop = True, "sam", False
             thresholds: dict[str, float] = {}
             if weights is not None and (Path(weights) / CONFIG_NAME).is_file():
                 config = read_config(weights)
-                clicks, coords = multimask_clicks(config), "pixel"
+                clicks, coords, crop = multimask_clicks(config), "pixel", _box_crop(config)
                 thresholds = _mask_thresholds(config)
             model = build_model(key, weights)
             return cls(
                 model, key, device, multimask_clicks=clicks, mirror=mirror, coords=coords,
-                mask_thresholds=thresholds,
+                mask_thresholds=thresholds, box_crop=crop,
             )  # fmt: skip
         folder = run_model_dir(name_or_dir)
         if folder.is_dir() and (folder / "config.json").is_file():
@@ -196,6 +229,7 @@ class Segmenter:
             return cls(
                 model, config["model"], device, multimask_clicks=multimask_clicks(config),
                 mirror=mirror, coords="pixel", mask_thresholds=_mask_thresholds(config),
+                box_crop=_box_crop(config),
             )  # fmt: skip
         raise MedfmError(
             f"{key!r} is neither a model name ({', '.join(SEG_MODELS)}) nor a medfm model folder "
@@ -258,6 +292,7 @@ class Segmenter:
         *,
         multimask: bool = False,
         mask_input: np.ndarray | torch.Tensor | None = None,
+        box_crop: bool | None = None,
     ) -> Prediction:
         """N prompts on the image of `set_image` -> N masks.
 
@@ -268,6 +303,8 @@ class Segmenter:
             multimask: ask for SAM's three masks and keep the best-scoring one per prompt.
             mask_input: (N, 1, 256, 256) or (N, 256, 256) low-resolution logits of an earlier
                 prediction (``Prediction.logits``), fed back for refinement clicks.
+            box_crop: keep each box-prompted mask inside its box; None: the segmenter's
+                ``box_crop``.
 
         Returns:
             Prediction(masks (N, H, W) bool, scores (N,) predicted IoU, logits (N, 256, 256)).
@@ -286,12 +323,15 @@ class Segmenter:
                 labels,
                 multimask=multimask,
                 mask_input=mask_input,
+                box_crop=box_crop,
             )
         if mask_input is not None:
             raise MedfmError(
                 f"{self.name}: mask_input (refinement) is not supported with test-time mirroring"
             )
-        prob, scores, low_res = self._mirrored_probs(boxes, points, labels, multimask)
+        prob, scores, low_res = self._mirrored_probs(
+            boxes, points, labels, multimask, self._crop(box_crop)
+        )
         masks = prob > torch.sigmoid(torch.tensor(self.threshold_for(boxes)))
         return Prediction(masks=masks, scores=scores, logits=low_res)
 
@@ -302,18 +342,25 @@ class Segmenter:
         labels: np.ndarray | torch.Tensor | None = None,
         *,
         multimask: bool = False,
+        box_crop: bool | None = None,
     ) -> torch.Tensor:
         """`predict`'s masks before thresholding: (N, H, W) float logits at the image size
-        (``predict``'s masks are these ``> threshold_for(boxes)``). With ``mirror``: the logit of
-        the two images' averaged probability (+-inf where it saturates)."""
+        (``predict``'s masks are these ``> threshold_for(boxes)``; -inf outside the box with
+        ``box_crop``). With ``mirror``: the logit of the two images' averaged probability (+-inf
+        where it saturates)."""
         if self._embedding is None:
             raise MedfmError(f"{self.name}: call set_image(image) before predict")
+        crop = self._crop(box_crop)
         if self._mirrored is not None:
-            return torch.logit(self._mirrored_probs(boxes, points, labels, multimask)[0])
+            return torch.logit(self._mirrored_probs(boxes, points, labels, multimask, crop)[0])
         sizes = (self._input_size, self._original_size)
         return self._predict(
-            self._embedding, *sizes, boxes, points, labels, multimask, None, threshold=None
-        )[0]
+            self._embedding, *sizes, boxes, points, labels, multimask, None, threshold=None,
+            crop=crop,
+        )[0]  # fmt: skip
+
+    def _crop(self, box_crop: bool | None) -> bool:
+        return self.box_crop if box_crop is None else bool(box_crop)
 
     def threshold_for(self, boxes: object) -> float:
         """The logit threshold of a prompt: ``mask_thresholds["box"]`` when it has boxes, else
@@ -322,18 +369,20 @@ class Segmenter:
         return float(self.mask_thresholds.get(kind, self.model.mask_threshold))
 
     def _mirrored_probs(
-        self, boxes: object, points: object, labels: object, multimask: bool
+        self, boxes: object, points: object, labels: object, multimask: bool, crop: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """With ``mirror``: (the two orientations' averaged probabilities (N, H, W), mean scores
         (N,), the unflipped image's low-resolution logits)."""
         sizes = (self._input_size, self._original_size)
         logits, scores, low_res = self._predict(
-            self._embedding, *sizes, boxes, points, labels, multimask, None, threshold=None
-        )
+            self._embedding, *sizes, boxes, points, labels, multimask, None, threshold=None,
+            crop=crop,
+        )  # fmt: skip
         m_boxes, m_points = _mirror_prompts(boxes, points, self._original_size[1])
         m_logits, m_scores, _ = self._predict(
-            self._mirrored, *sizes, m_boxes, m_points, labels, multimask, None, threshold=None
-        )
+            self._mirrored, *sizes, m_boxes, m_points, labels, multimask, None, threshold=None,
+            crop=crop,
+        )  # fmt: skip
         prob = (torch.sigmoid(logits) + torch.sigmoid(m_logits.flip(-1))) / 2
         return prob, (scores + m_scores) / 2, low_res
 
@@ -348,12 +397,13 @@ class Segmenter:
         *,
         multimask: bool = False,
         mask_input: np.ndarray | torch.Tensor | None = None,
+        box_crop: bool | None = None,
     ) -> Prediction:
         """`predict` on an embedding from `embed` (1xCxhxw or Cxhxw, any float dtype and device,
         e.g. fp16 from a cache) with its input_size and original_size (H, W)."""
         masks, scores, low_res = self._predict(
             embedding, input_size, original_size, boxes, points, labels, multimask, mask_input,
-            threshold=self.threshold_for(boxes),
+            threshold=self.threshold_for(boxes), crop=self._crop(box_crop),
         )  # fmt: skip
         return Prediction(masks=masks, scores=scores, logits=low_res)
 
@@ -369,10 +419,12 @@ class Segmenter:
         mask_input: np.ndarray | torch.Tensor | None,
         *,
         threshold: float | None,
+        crop: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`predict_from_embedding`'s work -> (masks (N, H, W) bool, the logits at the image
-        size ``> threshold``, or with ``threshold=None`` those float logits; scores (N,);
-        low-resolution logits (N, h, w)), ordinary CPU tensors."""
+        size ``> threshold``, or with ``threshold=None`` those float logits, with ``crop`` kept
+        inside each box (-inf outside); scores (N,); low-resolution logits (N, h, w)),
+        ordinary CPU tensors."""
         emb = self._check_embedding(embedding)
         input_size, original_size = self._check_sizes(input_size, original_size)
         height, width = original_size
@@ -401,6 +453,7 @@ class Segmenter:
                 torch.zeros(0),
                 torch.zeros((0, *self.model.prompt_encoder.mask_input_size)),
             )
+        region = box_region(box_t, height, width) if crop and box_t is not None else None
         box_t, pts_t = self._to_input_frame(box_t, pts_t, input_size, original_size)
         masks, scores, logits = [], [], []
         for start in range(0, n, _CHUNK):
@@ -417,8 +470,15 @@ class Segmenter:
             )
             for acc, t in zip((masks, scores, logits), out, strict=True):
                 acc.append(t)
-        # clone outside inference mode: ordinary tensors the caller may modify
-        return torch.cat(masks).clone(), torch.cat(scores).clone(), torch.cat(logits).clone()
+        # torch.cat outside inference mode: ordinary tensors the caller may modify
+        out_masks = torch.cat(masks)
+        if region is not None:
+            out_masks = (
+                out_masks & region
+                if threshold is not None
+                else out_masks.masked_fill(~region, float("-inf"))
+            )
+        return out_masks.clone(), torch.cat(scores).clone(), torch.cat(logits).clone()
 
     def _to_input_frame(
         self,

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from medfm.errors import MedfmError
+from medfm.seg.predict import box_region
 from medfm.seg.types import Predictor, click_multimask, to_rgb_uint8
 
 
@@ -33,13 +34,17 @@ def check_box(box: np.ndarray, height: int, width: int) -> None:
         )
 
 
-def segment_slice(predictor: Predictor, image: np.ndarray, **prompt) -> np.ndarray:
+def segment_slice(
+    predictor: Predictor, image: np.ndarray, box_crop: bool | None = None, **prompt
+) -> np.ndarray:
     """One 2D image (H, W) or (H, W, 3) and one prompt (box (4,) or points (P, 2) + labels (P,))
-    -> mask (H, W) bool."""
+    -> mask (H, W) bool. ``box_crop`` (not None) is passed on to ``predict`` (`Segmenter`'s
+    per-call override of its box crop)."""
     predictor.set_image(to_rgb_uint8(image))
     boxes = prompt.get("box")
     points = prompt.get("points")
     labels = prompt.get("labels")
+    extra = {} if box_crop is None else {"box_crop": box_crop}
     pred = predictor.predict(
         boxes=None if boxes is None else np.asarray(boxes, np.float32)[None],
         points=None if points is None else np.asarray(points, np.float32)[None],
@@ -47,6 +52,7 @@ def segment_slice(predictor: Predictor, image: np.ndarray, **prompt) -> np.ndarr
         multimask=(
             boxes is None and points is not None and len(points) == 1 and click_multimask(predictor)
         ),
+        **extra,
     )
     masks = pred.masks
     return (masks.numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks))[0]
@@ -58,7 +64,10 @@ def propagate_box3d(predictor: Predictor, volume: np.ndarray, box3d: np.ndarray)
 
     The middle slice (z0 + z1) // 2 is segmented with the 2D box; each next slice towards z1
     (and towards z0) is prompted with the tight box of the previous slice's mask; propagation
-    stops in a direction when a mask comes out empty.
+    stops in a direction when a mask comes out empty. A predictor that crops box-prompted masks
+    to their box (`medfm.seg.predict.Segmenter`'s ``box_crop``) has the propagated slices
+    cropped to the 3D box's x / y extent instead: cropped to the previous slice's box, an object
+    could never grow from one slice to the next.
     """
     h, w, depth = volume.shape
     x0, y0, x1, y1, z0, z1 = (float(v) for v in box3d)
@@ -70,12 +79,17 @@ def propagate_box3d(predictor: Predictor, volume: np.ndarray, box3d: np.ndarray)
     out = np.zeros(volume.shape, dtype=bool)
     mid = (z0 + z1) // 2
     out[:, :, mid] = segment_slice(predictor, volume[:, :, mid], box=box)
+    crop = bool(getattr(predictor, "box_crop", False))
+    inside = box_region(box[None], h, w)[0].numpy()
     for direction, stop in ((1, z1), (-1, z0)):
         prev = out[:, :, mid]
         for z in range(mid + direction, stop + direction, direction):
             b = _mask_box(prev)
             if b is None:
                 break
-            prev = segment_slice(predictor, volume[:, :, z], box=b)
+            if crop:
+                prev = segment_slice(predictor, volume[:, :, z], box=b, box_crop=False) & inside
+            else:
+                prev = segment_slice(predictor, volume[:, :, z], box=b)
             out[:, :, z] = prev
     return out

@@ -103,9 +103,9 @@ def test_calibrate_writes_the_best_threshold_of_each_prompt(sets, folder):
     assert record["prompts"]["box"]["mean_dice"] == pytest.approx(mean.tolist(), abs=1e-6)
     assert config["mask_thresholds"] == {"box": want}
     assert config["calibration"] == record and record["data"] == [str(d) for d in sets]
-    assert {k: v for k, v in config.items() if k not in ("mask_thresholds", "calibration")} == {
-        k: v for k, v in before.items()
-    }
+    assert config["box_crop"] is record["prompts"]["box"]["box_crop"]  # test_box_crop.py
+    written = ("mask_thresholds", "calibration", "box_crop")
+    assert {k: v for k, v in config.items() if k not in written} == before
     # again, for clicks: the box threshold stays
     calibrate(folder, sets[:1], ("point",), grid)
     again = read_config(folder)
