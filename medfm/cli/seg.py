@@ -147,7 +147,7 @@ def seg_calibrate(
     ] = None,
     grid: Annotated[
         str | None,
-        typer.Option(help="Logit thresholds to try, comma-separated (default -4..1)."),
+        typer.Option(help="Logit thresholds to try, comma-separated (default -8..1)."),
     ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     no_box_crop: Annotated[

@@ -16,7 +16,7 @@ from medfm.seg.predict import Segmenter
 from medfm.synth.dataset import generate_dataset
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "medfm_tiny.yaml"
-# Mean Dice of the bundled weights (stage 8) on these 6 cases: box 0.60 with its calibrated
+# Mean Dice of the bundled weights (stage 8) on these 6 cases: box 0.64 with its calibrated
 # crop to the box (0.55 without), point 0.44 (box-ellipse 0.66, box-fill 0.63; a random
 # initialisation 0.02 with boxes, uncropped). Without the crop: stage 7: 0.55, 0.41; stage 6:
 # 0.54, 0.40; stage 5: 0.54, 0.42; stage 4: 0.54, 0.38; stage 3: 0.50, 0.41. The generator's
