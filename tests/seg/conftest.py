@@ -95,3 +95,20 @@ def ellipse_image() -> np.ndarray:
     img = 60 + g.normal(0, 10, (30, 50))
     img[((rows - 15) / 9) ** 2 + ((cols - 25) / 14) ** 2 <= 1] += 110
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> tuple[Path, Path]:
+    """test_evaluate's two small labelled sets (2D .png, 3D .nii.gz), e.g. to calibrate on."""
+    from .test_evaluate import write_sets
+
+    return write_sets(tmp_path_factory.mktemp("sets"))
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """A random medfm-tiny saved as a medfm model folder."""
+    from medfm.seg.models import build_medfm_tiny, save_pretrained
+
+    model = randomize_(build_medfm_tiny(), seed=3)
+    return save_pretrained(model, tmp_path / "m", name="medfm-tiny")

@@ -14,13 +14,12 @@ from medfm.errors import MedfmError
 from medfm.seg import models
 from medfm.seg.calibrate import calibrate, sweep_dice, threshold_dice
 from medfm.seg.evaluate import evaluate, load_predictor
-from medfm.seg.models import build_medfm_tiny, read_config, save_pretrained
+from medfm.seg.models import read_config
 from medfm.seg.predict import Segmenter, box_region
 from medfm.seg.types import Prediction
 from medfm.seg.volume import propagate_box3d
 
-from .conftest import TINY_SPEC, randomize_, tiny_sam
-from .test_evaluate import write_sets
+from .conftest import TINY_SPEC, tiny_sam
 from .test_predict import BOXES, LABELS, POINTS, H, W, _flip_prompts
 
 
@@ -31,18 +30,6 @@ def image() -> np.ndarray:
     img = 60 + g.normal(0, 10, (H, W))
     img[((rows - 15) / 9) ** 2 + ((cols - 25) / 14) ** 2 <= 1] += 110
     return np.clip(img, 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory):
-    return write_sets(tmp_path_factory.mktemp("crop"))
-
-
-@pytest.fixture
-def folder(tmp_path):
-    return save_pretrained(
-        randomize_(build_medfm_tiny(), seed=3), tmp_path / "m", name="medfm-tiny"
-    )
 
 
 def test_box_region_holds_each_box_pixels_inclusive():

@@ -13,24 +13,11 @@ from medfm.errors import MedfmError
 from medfm.seg import models
 from medfm.seg.calibrate import calibrate, threshold_dice
 from medfm.seg.evaluate import evaluate
-from medfm.seg.models import build_medfm_tiny, read_config, save_pretrained
+from medfm.seg.models import read_config
 from medfm.seg.predict import Segmenter
 
-from .conftest import TINY_SPEC, randomize_, tiny_sam
-from .test_evaluate import write_sets
+from .conftest import TINY_SPEC, tiny_sam
 from .test_predict import BOXES, LABELS, POINTS
-
-
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory):
-    return write_sets(tmp_path_factory.mktemp("calib"))
-
-
-@pytest.fixture
-def folder(tmp_path):
-    return save_pretrained(
-        randomize_(build_medfm_tiny(), seed=3), tmp_path / "m", name="medfm-tiny"
-    )
 
 
 @pytest.mark.parametrize("mirror", [False, True])
