@@ -28,7 +28,11 @@ def decode_rows(
     n, c, h, w = src.shape
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
-    hs, src = decoder.transformer(src, image_pe.expand(n, -1, -1, -1), tokens)
+    # channels-last: the transformer's flatten(2).permute(0, 2, 1) then gives contiguous
+    # (N, h*w, C) tokens, where the default layout made every projection copy them first
+    src = src.contiguous(memory_format=torch.channels_last)
+    pe = image_pe.contiguous(memory_format=torch.channels_last)
+    hs, src = decoder.transformer(src, pe.expand(n, -1, -1, -1), tokens)
     index = range(decoder.num_mask_tokens)[outputs]
     mlps = decoder.output_hypernetworks_mlps
     hyper_in = torch.stack([mlps[i](hs[:, 1 + i, :]) for i in index], dim=1)
