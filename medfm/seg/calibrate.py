@@ -88,6 +88,7 @@ def sweep_dice(
         raise MedfmError(f"crops must be given, and only box prompts are cropped, got {crops}")
     total = len(list_eval_cases(data_dir, max_cases))
     multimask = prompt == "point" and click_multimask(segmenter)
+    ask = functools.partial(segmenter.predict_logits, box_crop=False)  # cropped below, per row
     per_case: list[np.ndarray] = []  # (len(crops), len(grid)) mean Dice over the case's labels
     for done, (_, image, label) in enumerate(iter_dataset(Path(data_dir))):
         if done >= total:
@@ -99,7 +100,6 @@ def sweep_dice(
             for k, rgb, lab2d in _images(image.data, label.data):
                 sp = slice_prompts(lab2d)
                 segmenter.set_image(rgb)
-                ask = functools.partial(segmenter.predict_logits, box_crop=False)
                 out = ask_prompts(ask, sp, prompt, multimask)
                 region = box_region(sp.boxes, *lab2d.shape) if any(crops) else None
                 for c, crop in enumerate(crops):

@@ -80,7 +80,7 @@ def propagate_box3d(predictor: Predictor, volume: np.ndarray, box3d: np.ndarray)
     mid = (z0 + z1) // 2
     out[:, :, mid] = segment_slice(predictor, volume[:, :, mid], box=box)
     crop = bool(getattr(predictor, "box_crop", False))
-    inside = box_region(box[None], h, w)[0].numpy()
+    inside = box_region(box[None], h, w)[0].numpy() if crop else None
     for direction, stop in ((1, z1), (-1, z0)):
         prev = out[:, :, mid]
         for z in range(mid + direction, stop + direction, direction):
