@@ -6,6 +6,11 @@ Like segment-anything's ``SamPredictor``, the image embedding is computed once b
 batch of N prompts (boxes and/or points) and returns N masks. With the same weights and prompts
 its masks and low-resolution logits are those of ``SamPredictor`` (tests check it).
 
+The ``medsam`` baseline runs MedSAM's own pipeline instead (``coords="medsam"``, as
+``MedSAM_Inference.py`` of bowang-lab/MedSAM): the image stretched to 1024 x 1024 (bicubic,
+anti-aliased), min-max normalised to [0, 1] with no padding, prompts scaled per axis, and the
+mask the sigmoid of the low-resolution logits upsampled straight to the image.
+
 `embed` and `predict_from_embedding` split the two halves for callers that cache embeddings
 (training and evaluation). Everything runs under ``torch.inference_mode()``; the returned tensors
 are ordinary (non-inference) CPU tensors.
@@ -20,6 +25,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -37,7 +43,7 @@ from medfm.seg.models import (
 from medfm.seg.prompts import resize_boxes, resize_points
 from medfm.seg.types import Prediction, to_rgb_uint8
 
-__all__ = ["Segmenter", "box_region"]
+__all__ = ["Segmenter", "box_region", "medsam_input"]
 
 _CHUNK = 64  # prompts per decoder call: each holds a copy of the 256x64x64 embedding
 
@@ -68,6 +74,19 @@ def _mirror_prompts(boxes: object, points: object, width: int) -> tuple[object, 
             p[..., 0] = width - 1 - p[..., 0]
         points = p
     return boxes, points
+
+
+def medsam_input(rgb: np.ndarray, size: int = 1024) -> np.ndarray:
+    """(H, W, 3) uint8 -> MedSAM's encoder input (3, size, size) float32: the image stretched
+    to size x size (scikit-image's cubic resize with anti-aliasing, back to uint8) and min-max
+    normalised to [0, 1], as bowang-lab/MedSAM's ``MedSAM_Inference.py``. Its uint8 cast is
+    made safe by clipping the cubic overshoot to 0..255 first."""
+    from skimage.transform import resize
+
+    img = resize(rgb, (size, size), order=3, preserve_range=True, anti_aliasing=True)
+    img = np.clip(img, 0, 255).astype(np.uint8).astype(np.float64)
+    img = (img - img.min()) / max(float(img.max() - img.min()), 1e-8)
+    return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)
 
 
 def _mask_thresholds(config: dict) -> dict[str, float]:
@@ -141,7 +160,10 @@ class Segmenter:
             `from_pretrained` gives a medfm model folder): boxes by
             `medfm.seg.prompts.resize_boxes`, points by `medfm.seg.prompts.resize_points`, so a
             5x-enlarged slice's box still holds the whole object. The two agree when the image
-            is already at the input size.
+            is already at the input size. ``"medsam"`` (what `from_pretrained` gives the
+            ``medsam`` name): MedSAM's whole pipeline, not only its prompts (module docstring):
+            stretched square input in [0, 1], x' = x S / W and y' = y S / H, probabilities
+            upsampled to the image (logits are their logit).
         mask_thresholds: the logit above which a pixel is in the mask, per prompt kind:
             ``{"box": t, "point": t}`` ("box" for any prompt with a box, "point" for clicks
             alone); a kind left out gets the model's ``mask_threshold`` (0, SAM's). A medfm
@@ -166,12 +188,12 @@ class Segmenter:
         *,
         multimask_clicks: bool = True,
         mirror: bool = False,
-        coords: Literal["pixel", "sam"] = "sam",
+        coords: Literal["pixel", "sam", "medsam"] = "sam",
         mask_thresholds: Mapping[str, float] | None = None,
         box_crop: bool = False,
     ) -> None:
-        if coords not in ("pixel", "sam"):
-            raise MedfmError(f"coords must be 'pixel' or 'sam', got {coords!r}")
+        if coords not in ("pixel", "sam", "medsam"):
+            raise MedfmError(f"coords must be 'pixel', 'sam' or 'medsam', got {coords!r}")
         unknown = sorted(set(mask_thresholds or {}) - set(self.prompt_types))
         if unknown:
             raise MedfmError(
@@ -203,11 +225,12 @@ class Segmenter:
         model folder (config.json + model.safetensors), or a training run's folder (its
         ``model/``). ``mirror``: test-time mirroring (see the class). A medfm model folder
         (the bundled medfm-tiny, a training run) maps prompts with ``coords="pixel"``, an
-        official ``.pth`` (or random weights) with segment-anything's ``"sam"``."""
+        official ``.pth`` (or random weights) with segment-anything's ``"sam"``, and the
+        ``medsam`` name runs MedSAM's own pipeline (``"medsam"``)."""
         key = str(name_or_dir)
         if key in SEG_MODELS:
             weights = weights_for(key, checkpoint)
-            clicks, coords, crop = True, "sam", False
+            clicks, coords, crop = True, "medsam" if key == "medsam" else "sam", False
             thresholds: dict[str, float] = {}
             if weights is not None and (Path(weights) / CONFIG_NAME).is_file():
                 config = read_config(weights)
@@ -255,21 +278,26 @@ class Segmenter:
     ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         """image (H, W) or (H, W, 3), uint8 (other dtypes via `to_rgb_uint8`) ->
         (embedding 1xCxhxw float32 on the model's device (C=256, h=w=64 for every model of the
-        zoo), input_size (h, w) after resizing the longest side, original_size (H, W))."""
+        zoo), input_size (h, w) after resizing the longest side (with ``coords="medsam"``
+        the square input's), original_size (H, W))."""
         try:
             rgb = to_rgb_uint8(image)
         except ValueError as e:
             raise MedfmError(f"{self.name}: {e}; give an (H, W) or (H, W, 3) image") from None
         h, w = rgb.shape[:2]
         size = self.transform.target_length
-        if min(self.transform.get_preprocess_shape(h, w, size)) < 1:
-            raise MedfmError(
-                f"{self.name}: an image of {h} x {w} pixels is too thin to resize to {size}"
-            )
-        resized = self.transform.apply_image(rgb)
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        if self.coords == "medsam":
+            x = torch.as_tensor(medsam_input(rgb, size), device=self.device)[None]
+        else:
+            if min(self.transform.get_preprocess_shape(h, w, size)) < 1:
+                raise MedfmError(
+                    f"{self.name}: an image of {h} x {w} pixels is too thin to resize to {size}"
+                )
+            resized = self.transform.apply_image(rgb)
+            x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
         with torch.inference_mode():
-            embedding = self.model.image_encoder(self.model.preprocess(x))
+            pre = x if self.coords == "medsam" else self.model.preprocess(x)
+            embedding = self.model.image_encoder(pre)
         return embedding.clone(), (int(x.shape[-2]), int(x.shape[-1])), (int(h), int(w))
 
     def set_image(self, image: np.ndarray | torch.Tensor) -> None:
@@ -488,6 +516,13 @@ class Segmenter:
         original_size: tuple[int, int],
     ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Checked prompts in image pixels -> the model's input frame (see ``coords``)."""
+        if self.coords == "medsam":  # MedSAM: box / [W, H, W, H] * 1024
+            (ih, iw), (oh, ow) = input_size, original_size
+            if boxes is not None:
+                boxes = boxes * np.array([iw / ow, ih / oh, iw / ow, ih / oh])
+            if points is not None:
+                points = points * np.array([iw / ow, ih / oh])
+            return boxes, points
         if self.coords == "sam":
             if boxes is not None:
                 boxes = self.transform.apply_boxes(boxes, original_size)
@@ -537,6 +572,14 @@ class Segmenter:
         best = iou.argmax(dim=1)
         rows = torch.arange(len(iou), device=iou.device)
         low_res, iou = low_res[rows, best][:, None], iou[rows, best]
+        if self.coords == "medsam":  # the probabilities upsampled straight to the image
+            prob = F.interpolate(
+                torch.sigmoid(low_res.float()), original_size, mode="bilinear", align_corners=False
+            )[:, 0]
+            up = torch.logit(prob) if threshold is None else prob > torch.sigmoid(
+                torch.tensor(float(threshold))
+            )  # fmt: skip
+            return up.cpu(), iou.float().cpu(), low_res[:, 0].cpu()
         up = model.postprocess_masks(low_res, input_size, original_size)
         up = up[:, 0].float() if threshold is None else up[:, 0] > threshold
         return up.cpu(), iou.float().cpu(), low_res[:, 0].cpu()
@@ -569,7 +612,8 @@ class Segmenter:
                 f"{input_size!r} and {original_size!r}"
             ) from None
         size = self.transform.target_length
-        if self.transform.get_preprocess_shape(oh, ow, size) != (ih, iw):
+        want = (size, size) if self.coords == "medsam" else None
+        if (want or self.transform.get_preprocess_shape(oh, ow, size)) != (ih, iw):
             raise MedfmError(
                 f"{self.name}: input_size {(ih, iw)} is not original_size {(oh, ow)} resized to "
                 f"{size}; pass the sizes returned by embed()"

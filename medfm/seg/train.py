@@ -563,11 +563,7 @@ class Trainer:
         }
 
     def latest_checkpoint(self) -> Path | None:
-        root = self.out / "checkpoints"
-        if not root.is_dir():
-            return None
-        done = sorted(p for p in root.iterdir() if (p / "state.json").exists()
-                      and not p.name.endswith(".partial"))  # fmt: skip
+        done = saved_checkpoints(self.out)
         return done[-1] if done else None
 
     def resume(self) -> bool:
@@ -694,19 +690,30 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def saved_checkpoints(out: Path) -> list[Path]:
+    """OUT/checkpoints/step_NNNNNNN folders written whole (not ``.partial``), oldest first."""
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step_")
+                  and not p.name.endswith(".partial") and (p / "state.json").exists())  # fmt: skip
+
+
 def prepare_run(cfg: TrainConfig, *, resume: bool) -> None:
-    """Create OUT, or check that an existing OUT was made by the same config."""
+    """Create OUT, or check that an existing OUT with checkpoints was made by the same config.
+    A folder whose run never reached a checkpoint (a start that failed, or was killed early) has
+    nothing to keep: it takes the new config."""
     out = Path(cfg.out)
     saved = out / "train_config.json"
     text = cfg.model_dump_json(indent=2)
-    if saved.exists():
+    if saved.exists() and saved_checkpoints(out):
         old = TrainConfig.model_validate_json(saved.read_text())
         if old != cfg:
             diff = [f for f in TrainConfig.model_fields if getattr(old, f) != getattr(cfg, f)]
             raise MedfmError(
                 f"{out} holds a run with other settings ({', '.join(diff)}); use a new --out"
             )
-        if not resume and (out / "checkpoints").exists():
+        if not resume:
             raise MedfmError(f"{out} already holds a run; pass --resume to continue it")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, text)
@@ -728,5 +735,6 @@ __all__ = [
     "decode",
     "lowres_label",
     "lr_factor",
+    "saved_checkpoints",
     "train",
 ]

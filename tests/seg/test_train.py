@@ -19,6 +19,7 @@ from medfm.seg.train import (
     lowres_label,
     lr_factor,
     prepare_run,
+    saved_checkpoints,
     simulate_low_resolution,
     train,
 )
@@ -82,11 +83,24 @@ def test_resume_after_a_kill_ends_with_the_same_weights(synth, tmp_path):
     assert any((tmp_path / "full" / "embeddings").rglob("*.npy"))
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_run_folder_with_other_settings_is_refused(synth, tmp_path):
-    prepare_run(_cfg(synth, tmp_path / "run", steps=1), resume=False)
-    assert (tmp_path / "run" / "train_config.json").is_file()
-    with pytest.raises(MedfmError, match="other settings"):
-        prepare_run(_cfg(synth, tmp_path / "run", steps=2, lr=5e-4), resume=True)
+    run = tmp_path / "run"
+    # a start that never reached a checkpoint (a bad argument, a kill): the new settings replace
+    prepare_run(_cfg(synth, run, steps=1, lr=5e-4), resume=False)
+    prepare_run(_cfg(synth, run, steps=1), resume=False)
+    assert TrainConfig.model_validate_json((run / "train_config.json").read_text()).lr == 1e-3
+    train(_cfg(synth, run, steps=1))
+    assert [p.name for p in saved_checkpoints(run)] == ["step_0000001"]
+    with pytest.raises(MedfmError, match=r"other settings \(steps, lr\)"):
+        prepare_run(_cfg(synth, run, steps=2, lr=5e-4), resume=True)
+    with pytest.raises(MedfmError, match="--resume"):
+        prepare_run(_cfg(synth, run, steps=1), resume=False)
+    # a checkpoint cut short by a kill (.partial) is not one
+    partial = tmp_path / "partial"
+    prepare_run(_cfg(synth, partial, steps=1), resume=False)
+    (partial / "checkpoints" / "step_0000001.partial").mkdir(parents=True)
+    prepare_run(_cfg(synth, partial, steps=2), resume=False)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
