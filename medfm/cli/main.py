@@ -96,9 +96,9 @@ def synth_generate(
 ) -> None:
     """Generate (or resume) a synthetic dataset with exact masks."""
     from medfm.cli.progress import progress_bar
+    from medfm.devices import parse_device
     from medfm.synth.dataset import (
         generate_dataset,
-        parse_device,
         parse_modalities,
         parse_shard,
         parse_size,

@@ -214,6 +214,14 @@ def seg_train(
         bool, typer.Option("--keep-decoder", help="Start from the checkpoint's decoder.")
     ] = False,
     refine_iters: Annotated[int, typer.Option(help="Refinement clicks per prompt.")] = 2,
+    multimask: Annotated[
+        bool | None,
+        typer.Option(
+            "--multimask/--no-multimask",
+            help="Single clicks train the best of SAM's three outputs (the IoU head picks one "
+            "at prediction) or its single output. Default: three, but one with --loss dice.",
+        ),
+    ] = None,
     lowres_prob: Annotated[
         float,
         typer.Option(help="Share of images shrunk 1.5-6x first (simulated low resolution)."),
@@ -236,16 +244,21 @@ def seg_train(
     """Train SAM's prompt encoder and mask decoder on synthetic data (SynthFM recipe)."""
     from pydantic import ValidationError
 
+    from medfm.devices import parse_device
     from medfm.seg.prompts import PromptConfig
     from medfm.seg.train import TrainConfig, train
 
+    parse_device(device)  # before the run folder is made
     try:
         cfg = TrainConfig(
             model=model, checkpoint=checkpoint, data=tuple(str(d) for d in data), out=str(out),
             steps=steps, batch=batch, prompts_per_image=prompts_per_image, lr=lr, warmup=warmup,
             loss=loss, grad_clip=grad_clip, train_encoder=train_encoder, keep_decoder=keep_decoder,
             checkpoint_every=checkpoint_every, cache=str(cache) if cache else None, seed=seed,
-            device=device, compile=compile_model, prompt=PromptConfig(refine_iters=refine_iters),
+            device=device, compile=compile_model, prompt=PromptConfig(
+                refine_iters=refine_iters,
+                multimask=(loss != "dice") if multimask is None else multimask,
+            ),
             lowres_prob=lowres_prob, lowres_labels=lowres_labels,
         )  # fmt: skip
     except ValidationError as e:
@@ -275,7 +288,10 @@ def seg_embed(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Compute each image's embedding once into the cache (fp16, memory-mapped)."""
+    from medfm.devices import parse_device
     from medfm.seg.train import TrainConfig, Trainer
+
+    parse_device(device)
 
     cfg = TrainConfig(
         model=model, checkpoint=checkpoint, data=tuple(str(d) for d in data),

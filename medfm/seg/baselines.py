@@ -56,7 +56,8 @@ class _BoxBaseline:
         scores (N,) ones. ``multimask`` changes nothing (one mask per box)."""
         if points is not None or labels is not None:
             raise MedfmError(
-                f"the {self.name} baseline needs box prompts, not points; use --prompt box"
+                f"the {self.name} baseline needs box prompts, not points (--box; in evaluate, "
+                "--prompt box)"
             )
         if boxes is None:
             raise MedfmError(f"the {self.name} baseline needs box prompts (boxes=(N, 4))")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from medfm.devices import parse_device
 from medfm.errors import MedfmError
 from medfm.seg.decoder import decode_rows
 from medfm.seg.models import (
@@ -203,7 +204,7 @@ class Segmenter:
         self.mask_thresholds = {k: default for k in self.prompt_types}
         self.mask_thresholds.update({k: float(v) for k, v in (mask_thresholds or {}).items()})
         self.coords = coords
-        self.device = torch.device(device)
+        self.device = parse_device(device)
         self.model = model.to(self.device).eval()
         self.name = name
         self.multimask_clicks = multimask_clicks
@@ -227,6 +228,7 @@ class Segmenter:
         (the bundled medfm-tiny, a training run) maps prompts with ``coords="pixel"``, an
         official ``.pth`` (or random weights) with segment-anything's ``"sam"``, and the
         ``medsam`` name runs MedSAM's own pipeline (``"medsam"``)."""
+        parse_device(device)  # before any weights are read
         key = str(name_or_dir)
         if key in SEG_MODELS:
             weights = weights_for(key, checkpoint)

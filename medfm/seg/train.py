@@ -43,6 +43,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
+from medfm.devices import parse_device
 from medfm.errors import MedfmError
 from medfm.io import atomic_write_text, iter_dataset, read_dataset_json
 from medfm.seg.decoder import decode_rows
@@ -110,6 +111,12 @@ class TrainConfig(BaseModel):
             raise ValueError("lowres_factor must be (low, high) with 1 <= low <= high")
         if self.lowres_labels and self.lowres_prob == 0:
             raise ValueError("lowres_labels coarsens the shrunk images' labels: set lowres_prob")
+        if self.loss == "dice" and self.prompt.multimask:
+            raise ValueError(
+                "loss 'dice' trains no IoU head, and that head picks among SAM's three outputs "
+                "for a single click: set prompt.multimask false (--no-multimask) or use the "
+                "loss dice_iou"
+            )
         if self.lowres_prob > 0 and not self.train_encoder:
             raise ValueError(
                 "lowres_prob needs train_encoder: a frozen encoder's embeddings are cached "
@@ -355,9 +362,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.device = torch.device(cfg.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise MedfmError("--device cuda was asked for but torch sees no CUDA device")
+        self.device = parse_device(cfg.device)
         self.rank, self.world = init_distributed(self.device)
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from medfm.devices import parse_device
 from medfm.errors import MedfmError
 from medfm.io import (
     DatasetJson,
@@ -144,19 +145,6 @@ def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int]:
     if n < 1 or not 0 <= k < n:
         raise MedfmError(f"--shard {k}/{n} is invalid: need 0 <= K < N")
     return (k, n)
-
-
-def parse_device(device: str) -> torch.device:
-    """'cpu', 'cuda' or 'cuda:N', checked against what torch sees."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise MedfmError(f"--device must be cpu or cuda, got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MedfmError("--device cuda was asked for but torch sees no CUDA device")
-    return dev
 
 
 def _check_writable(out: Path) -> None:

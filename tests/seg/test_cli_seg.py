@@ -82,6 +82,7 @@ def test_predict_with_medfm_tiny_points(png, tmp_path):
         (["--point", "500,5"], "outside the image"),
         ([], "at least one"),
         (["--point", "5,5", "-m", "box-fill"], "needs box prompts"),
+        (["-m", "medfm-tiny", "--box", "1,1,5,5", "--device", "gpu"], "--device must be"),
     ],
 )
 def test_predict_errors_are_one_line_exit_2(png, tmp_path, args, message):
@@ -128,6 +129,14 @@ steps:
     bad.write_text("name: x\nsteps:\n  - synth: {out: a, n: 0}\n")
     r = run("run", bad)
     assert r.exit_code == 2 and "steps.0" in r.output
+
+
+@pytest.mark.parametrize("command", ["train", "embed"])
+def test_train_and_embed_check_the_device_first(tmp_path, command):
+    out = ["--out", tmp_path / "run"] if command == "train" else ["--cache", tmp_path / "c"]
+    r = run("seg", command, "--data", tmp_path, *out, "--device", "gpu")
+    assert r.exit_code == 2 and "--device must be cpu or cuda, got 'gpu'" in r.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
 
 
 def test_train_on_empty_masks_is_a_clear_error(tmp_path):

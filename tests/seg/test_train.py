@@ -226,11 +226,19 @@ def test_logged_terms_average_over_single_and_multimask_prompts(synth, tmp_path)
     from medfm.seg.train import Trainer
 
     prompt = PromptConfig(refine_iters=0, box_prob=0.5, n_pos=(1, 2), n_neg=(0, 0))
-    cfg = _cfg(synth, tmp_path / "run", loss="dice", batch=2, prompts_per_image=4, prompt=prompt)
+    cfg = _cfg(synth, tmp_path / "run", loss="dice_iou", batch=2, prompts_per_image=4,
+               prompt=prompt)  # fmt: skip
     trainer = Trainer(cfg)
-    for step in range(4):  # with the Dice loss alone, the logged dice is the step's loss
+    for step in range(4):  # Dice + IoU MSE: the logged terms add up to the step's loss
         m = trainer.train_step(step)
-        assert m["dice"] == pytest.approx(m["loss"], rel=1e-5)
+        assert m["dice"] + m["iou"] == pytest.approx(m["loss"], rel=1e-5)
+
+
+def test_dice_alone_cannot_choose_among_three_outputs(synth, tmp_path):
+    with pytest.raises(ValueError, match="trains no IoU head"):
+        _cfg(synth, tmp_path / "run", loss="dice", prompt=PromptConfig())
+    cfg = _cfg(synth, tmp_path / "run", loss="dice", prompt=PromptConfig(multimask=False))
+    assert not cfg.prompt.multimask
 
 
 @pytest.mark.slow  # TorchInductor compiles for minutes on 2 CPU cores
