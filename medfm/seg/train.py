@@ -26,6 +26,7 @@ encoder) on nnU-Net 2D datasets: the SynthFM recipe.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -398,12 +399,16 @@ class Trainer:
     # ------------------------------------------------------------------ embeddings
 
     def model_id(self) -> str:
-        ck = self.cfg.checkpoint
-        if ck is None:
-            return f"{self.cfg.model}:random-seed{self.cfg.seed}"
-        path = Path(ck)
-        stat = path.stat() if path.exists() else None
-        return f"{self.cfg.model}:{path.resolve()}:{stat.st_size if stat else 0}"
+        """The embedding cache's key for this model: its name, input size and a hash of what
+        makes its embeddings (the image encoder's weights, SAM's pixel mean and std), so that
+        new weights at the same path never reuse old embeddings."""
+        h = hashlib.sha256()
+        encoder = self.model.image_encoder.state_dict()
+        norm = {"pixel_mean": self.model.pixel_mean, "pixel_std": self.model.pixel_std}
+        for name, t in [*sorted(encoder.items()), *norm.items()]:
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return f"{self.cfg.model}:{self.image_size}:{h.hexdigest()[:16]}"
 
     def _encode(self, images: list[np.ndarray]) -> torch.Tensor:
         return self.model.image_encoder(self._preprocess(images))

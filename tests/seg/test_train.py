@@ -428,3 +428,30 @@ def test_cuda_bf16_training_step_matches_the_cpu_step(synth, tmp_path):
         b = torch.cat([y.flatten() for _, y in pairs])
         assert b.dtype == torch.float32  # autocast keeps the weights and gradients in fp32
         assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.95, prefix
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_embedding_cache_key_follows_the_encoder_weights(synth, tmp_path):
+    from medfm.seg.models import build_medfm_tiny, save_pretrained
+
+    from .conftest import randomize_
+
+    folder = tmp_path / "weights"
+    save_pretrained(randomize_(build_medfm_tiny(), seed=1), folder, name="medfm-tiny")
+    cfg = _cfg(synth, tmp_path / "run", checkpoint=str(folder), keep_decoder=True)
+    first = Trainer(cfg)
+    assert Trainer(cfg).model_id() == first.model_id()  # the same weights: cache hits
+    # new weights at the same path (a folder's size never changes): new key, new embeddings
+    save_pretrained(randomize_(build_medfm_tiny(), seed=2), folder, name="medfm-tiny")
+    second = Trainer(cfg)
+    assert second.model_id() != first.model_id()
+    new = second.embeddings(list(range(len(second.data.images))), step=0)
+    with torch.no_grad():
+        want = second._encode(second.data.images)
+    torch.testing.assert_close(new.float(), want, atol=2e-2, rtol=1e-2)  # fp16 on disk
+    # a decoder-only change keeps the key
+    model = second.model
+    with torch.no_grad():
+        model.mask_decoder.iou_token.weight.add_(1.0)
+    save_pretrained(model, folder, name="medfm-tiny")
+    assert Trainer(cfg).model_id() == second.model_id()
