@@ -10,7 +10,9 @@ different starting points gives a broken model; that is the caller's to avoid.
 The averaged folder's config.json lists where each model came from (``averaged_from``: its
 folder, starting checkpoint and training config) and whether single clicks use SAM's three
 outputs (``multimask_clicks``, which the models must agree on). The models' calibrated mask
-thresholds are not carried over: calibrate the average (`medfm.seg.calibrate`).
+thresholds are not carried over: calibrate the average (`medfm.seg.calibrate`). Averaging the
+same models into a folder that already holds their average leaves it as it is, calibration and
+all (a recipe run again).
 """
 
 from __future__ import annotations
@@ -20,9 +22,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from medfm.errors import MedfmError
-from medfm.seg.models import load_pretrained, model_folder, save_pretrained
+from medfm.seg.models import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_pretrained,
+    model_folder,
+    read_config,
+    save_pretrained,
+)
 
 __all__ = ["average_models"]
 
@@ -70,4 +81,21 @@ def average_models(models: Sequence[str | os.PathLike], out: str | os.PathLike) 
         for folder, (_, config) in zip(folders, loaded, strict=True)
     ]
     extra = {"averaged_from": sources, "multimask_clicks": clicks.pop()}
+    if _written(out, first.state_dict(), extra):
+        return out  # the same average again (a recipe run twice): keep it, calibration and all
     return save_pretrained(first, out, name=config0["model"], extra=extra)
+
+
+def _written(out: Path, state: dict[str, torch.Tensor], extra: dict) -> bool:
+    """Whether the model folder ``out`` already holds exactly this average (same sources, same
+    weights); what was added to its config.json since (calibration) is then kept."""
+    if not (out / CONFIG_NAME).is_file() or not (out / WEIGHTS_NAME).is_file():
+        return False
+    try:
+        config = read_config(out)
+        saved = load_file(str(out / WEIGHTS_NAME))
+    except (MedfmError, OSError, SafetensorError):
+        return False
+    if any(config.get(k) != v for k, v in extra.items()) or saved.keys() != state.keys():
+        return False
+    return all(torch.equal(saved[k], v) for k, v in state.items())

@@ -35,6 +35,7 @@ from medfm.seg.decoder import decode_rows
 from medfm.seg.models import (
     CONFIG_NAME,
     SEG_MODELS,
+    WEIGHTS_NAME,
     build_model,
     load_pretrained,
     read_config,
@@ -232,6 +233,9 @@ class Segmenter:
         key = str(name_or_dir)
         if key in SEG_MODELS:
             weights = weights_for(key, checkpoint)
+            if weights is not None and Path(weights).name == WEIGHTS_NAME:
+                if (Path(weights).parent / CONFIG_NAME).is_file():  # a medfm model folder's
+                    weights = Path(weights).parent  # weights: with the folder's settings
             clicks, coords, crop = True, "medsam" if key == "medsam" else "sam", False
             thresholds: dict[str, float] = {}
             if weights is not None and (Path(weights) / CONFIG_NAME).is_file():

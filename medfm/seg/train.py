@@ -597,6 +597,12 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self, *, progress: Callable[[int, dict], None] | None = None) -> Path:
+        """Train from ``self.step`` to cfg.steps, then write the final model (``OUT/model``).
+        A run resumed at its end whose model was written keeps it as it is (with what was
+        added to its config.json since, e.g. `medfm.seg.calibrate`'s thresholds)."""
+        if self.step >= self.cfg.steps and (done := finished_model(self.out)) is not None:
+            self.log(f"{self.out} finished training earlier; its model is {done}")
+            return done
         self.out.mkdir(parents=True, exist_ok=True)
         log = self._open_metrics_log() if self.rank == 0 else None
         try:
@@ -709,6 +715,19 @@ def saved_checkpoints(out: Path) -> list[Path]:
                   and not p.name.endswith(".partial") and (p / "state.json").exists())  # fmt: skip
 
 
+def finished_model(out: Path, steps: int | None = None) -> Path | None:
+    """OUT/model when the run wrote its final model (and, with ``steps``, its last checkpoint
+    is at ``steps``), else None."""
+    final = Path(out) / "model"
+    if not (final / "config.json").is_file():
+        return None
+    if steps is not None:
+        done = saved_checkpoints(Path(out))
+        if not done or json.loads((done[-1] / "state.json").read_text())["step"] < steps:
+            return None
+    return final
+
+
 def prepare_run(cfg: TrainConfig, *, resume: bool) -> None:
     """Create OUT, or check that an existing OUT with checkpoints was made by the same config.
     A folder whose run never reached a checkpoint (a start that failed, or was killed early) has
@@ -732,6 +751,10 @@ def prepare_run(cfg: TrainConfig, *, resume: bool) -> None:
 def train(cfg: TrainConfig, *, resume: bool = False, log=None, progress=None) -> Path:
     """Train (or resume) a run; returns the final model folder."""
     prepare_run(cfg, resume=resume)
+    if resume and (done := finished_model(Path(cfg.out), cfg.steps)) is not None:
+        if log is not None:  # nothing to train: no need to load the data or build the model
+            log(f"{cfg.out} finished training earlier; its model is {done}")
+        return done
     trainer = Trainer(cfg, log=log)
     if resume:
         trainer.resume()

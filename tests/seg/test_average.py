@@ -117,3 +117,18 @@ def test_recipe_step(tmp_path, monkeypatch):
     bad.write_text("name: x\nsteps:\n  - average: {models: [a], out: soup}\n")
     with pytest.raises(MedfmError, match="average"):
         load_recipe(bad)
+
+
+def test_the_same_average_again_keeps_the_folder_and_its_calibration(tmp_path):
+    folders = [vit_folder(tmp_path / f"m{s}", seed=s) for s in (1, 2)]
+    out = average_models(folders, tmp_path / "avg")
+    config = json.loads((out / "config.json").read_text())
+    config["mask_thresholds"] = {"box": -3.0}  # as medfm seg calibrate adds
+    (out / "config.json").write_text(json.dumps(config))
+    assert average_models(folders, out) == out
+    assert json.loads((out / "config.json").read_text()) == config
+    # other models: a new average replaces it, without the old calibration
+    other = vit_folder(tmp_path / "m3", seed=3)
+    average_models([folders[0], other], out)
+    again = read_config(out)
+    assert "mask_thresholds" not in again and again["averaged_from"][1]["folder"] == str(other)

@@ -348,3 +348,15 @@ def test_mirroring_refuses_mask_input_and_baselines(image):
         seg.predict(boxes=BOXES, mask_input=torch.zeros(3, 64, 64))
     with pytest.raises(MedfmError, match="box-ellipse baseline has no test-time mirroring"):
         load_predictor("box-ellipse", mirror=True)
+
+
+def test_a_model_folders_weights_file_brings_the_folders_settings(tmp_path, image):
+    model = randomize_(build_medfm_tiny(), seed=4)
+    extra = {"mask_thresholds": {"box": -2.0}, "box_crop": True}
+    folder = save_pretrained(model, tmp_path / "m", name="medfm-tiny", extra=extra)
+    by_folder = Segmenter.from_pretrained("medfm-tiny", folder)
+    by_file = Segmenter.from_pretrained("medfm-tiny", folder / "model.safetensors")
+    for s in (by_folder, by_file):
+        assert s.coords == "pixel" and s.box_crop and s.mask_thresholds["box"] == -2.0
+        s.set_image(image)
+    assert torch.equal(by_file.predict(boxes=BOXES).masks, by_folder.predict(boxes=BOXES).masks)

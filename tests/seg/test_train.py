@@ -455,3 +455,16 @@ def test_the_embedding_cache_key_follows_the_encoder_weights(synth, tmp_path):
         model.mask_decoder.iou_token.weight.add_(1.0)
     save_pretrained(model, folder, name="medfm-tiny")
     assert Trainer(cfg).model_id() == second.model_id()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_resuming_a_finished_run_keeps_its_model_and_calibration(synth, tmp_path):
+    cfg = _cfg(synth, tmp_path / "run", steps=1)
+    final = train(cfg)
+    config = json.loads((final / "config.json").read_text())
+    config["mask_thresholds"] = {"box": -2.0, "point": 0.5}  # as medfm seg calibrate adds
+    (final / "config.json").write_text(json.dumps(config))
+    weights = (final / "model.safetensors").read_bytes()
+    assert train(cfg, resume=True) == final
+    assert json.loads((final / "config.json").read_text()) == config
+    assert (final / "model.safetensors").read_bytes() == weights
