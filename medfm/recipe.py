@@ -217,7 +217,7 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=N
                 box_crop=a.box_crop,
             )  # fmt: skip
         else:
-            from medfm.seg.evaluate import evaluate, load_predictor, write_report
+            from medfm.seg.evaluate import check_overlays, evaluate, load_predictor, write_report
 
             a = step.evaluate
             if not Path(a.data).is_dir():
@@ -226,6 +226,7 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=N
                     continue
                 raise MedfmError(f"evaluation data {a.data} not found")
             log(f"[{i}/{len(recipe.steps)}] evaluate {a.model} on {a.data} ({a.prompt})")
+            check_overlays(a.overlays)
             predictor = load_predictor(
                 a.model, a.checkpoint, device=a.device, mirror=a.mirror,
                 mask_threshold=a.mask_threshold, box_crop=a.box_crop,

@@ -37,7 +37,10 @@ def user_errors(fn: F) -> F:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: run the same command again to resume", err=True)
+            typer.echo(
+                "interrupted: run the same command again to resume (seg train: with --resume)",
+                err=True,
+            )
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

@@ -98,6 +98,7 @@ def seg_evaluate(
     """Dice and surface Dice of a model with one prompt per label and image (DESIGN.md)."""
     from medfm.cli.progress import progress_bar
     from medfm.seg.evaluate import (
+        check_overlays,
         check_prompt,
         evaluate,
         list_eval_cases,
@@ -108,6 +109,7 @@ def seg_evaluate(
     # Validate everything cheap before loading a model.
     check_prompt(prompt)
     list_eval_cases(data, max_cases)
+    check_overlays(overlays)
     if out.is_dir():
         raise MedfmError(f"--out {out} is a folder; give a file name such as report.json")
     predictor = load_predictor(
@@ -427,7 +429,14 @@ def seg_export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Official-format .pth to write.")],
 ) -> None:
     """Write weights that segment-anything's sam_model_registry loads (ViT models)."""
-    from medfm.seg.export import export_run
-    from medfm.seg.models import run_model_dir
+    from medfm.seg.export import export_notes, export_run
+    from medfm.seg.models import read_config, run_model_dir
 
-    typer.echo(str(export_run(run_model_dir(run), out)))
+    folder = run_model_dir(run)
+    typer.echo(str(export_run(folder, out)))
+    for note in export_notes(read_config(folder)):
+        typer.echo(
+            f"note: the .pth holds the weights only; medfm's predictor of {folder} also "
+            f"applies {note}",
+            err=True,
+        )

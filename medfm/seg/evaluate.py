@@ -271,6 +271,16 @@ def _images(
 # ----------------------------------------------------------------------------- overlays
 
 
+def check_overlays(overlays: str | os.PathLike | None) -> Path | None:
+    """The overlay folder (None: none), refused when it names an existing file."""
+    if overlays is None:
+        return None
+    folder = Path(overlays)
+    if folder.exists() and not folder.is_dir():
+        raise MedfmError(f"--overlays {folder} is a file; give a folder for the PNGs")
+    return folder
+
+
 def _overlay(rgb: np.ndarray, gt: np.ndarray, pred: np.ndarray, size: int = 256) -> np.ndarray:
     """(3, size, 3 * size) uint8: the image, ground-truth outlines, predicted outlines."""
     from medfm.synth.preview import outline_tile
@@ -330,7 +340,7 @@ def evaluate(
     cases = list_eval_cases(data_dir, max_cases)
     folder = Path(data_dir)
     names = {v: k for k, v in read_dataset_json(folder).labels.items()}
-    overlay_dir = Path(overlays) if overlays is not None else None
+    overlay_dir = check_overlays(overlays)
 
     per_case: list[dict] = []
     skipped: list[str] = []

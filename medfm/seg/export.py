@@ -62,3 +62,16 @@ def export_run(model_dir: str | os.PathLike, out_path: str | os.PathLike) -> Pat
             "vit_h, medsam) export to segment-anything's format"
         )
     return export_sam_checkpoint(model, out_path)
+
+
+def export_notes(config: dict) -> list[str]:
+    """What a medfm model folder's config.json adds to its weights, which a .pth cannot carry
+    (segment-anything's ``SamPredictor`` then predicts with the weights alone)."""
+    notes = ["medfm's pixel-exact prompt mapping (SamPredictor: x * scale)"]
+    if config.get("mask_thresholds"):
+        notes.append(
+            f"the calibrated mask thresholds {config['mask_thresholds']} (SamPredictor: 0)"
+        )
+    if config.get("box_crop"):
+        notes.append("box masks cropped to their box (SamPredictor: uncropped)")
+    return notes

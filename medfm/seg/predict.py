@@ -327,6 +327,7 @@ class Segmenter:
         multimask: bool = False,
         mask_input: np.ndarray | torch.Tensor | None = None,
         box_crop: bool | None = None,
+        box: np.ndarray | torch.Tensor | None = None,
     ) -> Prediction:
         """N prompts on the image of `set_image` -> N masks.
 
@@ -339,12 +340,17 @@ class Segmenter:
                 prediction (``Prediction.logits``), fed back for refinement clicks.
             box_crop: keep each box-prompted mask inside its box; None: the segmenter's
                 ``box_crop``.
+            box: another name for ``boxes`` (``predict(box=[x0, y0, x1, y1])``).
 
         Returns:
             Prediction(masks (N, H, W) bool, scores (N,) predicted IoU, logits (N, 256, 256)).
             With ``mirror``: the masks of the averaged probabilities, the mean of the two
             scores, and the logits of the unflipped image.
         """
+        if box is not None:
+            if boxes is not None:
+                raise MedfmError(f"{self.name}: give box or boxes, not both")
+            boxes = box
         if self._embedding is None:
             raise MedfmError(f"{self.name}: call set_image(image) before predict")
         if self._mirrored is None:

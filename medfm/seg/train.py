@@ -143,14 +143,16 @@ def _resize_shape(h: int, w: int, side: int) -> tuple[int, int]:
 
 def lowres_label(label: torch.Tensor, image_size: int) -> torch.Tensor:
     """(H, W) integer label -> (LOWRES, LOWRES) uint8 in the model's input frame: resized so the
-    longest side is ``image_size`` (nearest), zero-padded bottom/right to a square, then
-    nearest-downsampled to LOWRES (SAM's preprocessing of the image, applied to the labels)."""
+    longest side is ``image_size``, zero-padded bottom/right to a square, then downsampled to
+    LOWRES (SAM's preprocessing of the image, applied to the labels). Both resizes take the
+    label at each new pixel's centre ("nearest-exact"), as the image's resize is centre-aligned
+    (torch's "nearest" takes floor(i * in / out), up to half a pixel up and left)."""
     h, w = label.shape
     rh, rw = _resize_shape(h, w, image_size)
-    x = F.interpolate(label[None, None].float(), size=(rh, rw), mode="nearest")[0, 0]
+    x = F.interpolate(label[None, None].float(), size=(rh, rw), mode="nearest-exact")[0, 0]
     x = F.pad(x, (0, image_size - rw, 0, image_size - rh))
     if image_size != LOWRES:
-        x = F.interpolate(x[None, None], size=(LOWRES, LOWRES), mode="nearest")[0, 0]
+        x = F.interpolate(x[None, None], size=(LOWRES, LOWRES), mode="nearest-exact")[0, 0]
     return x.to(torch.uint8)
 
 
@@ -369,6 +371,11 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
         self.log = (log if self.rank == 0 else None) or (lambda msg: None)
+        if cfg.checkpoint is None and not cfg.train_encoder:
+            self.log(
+                f"warning: no checkpoint: {cfg.model}'s frozen image encoder has random weights "
+                "(pass --checkpoint, or --train-encoder)"
+            )
         self.model = init_model(cfg).to(self.device)
         if cfg.compile:  # TorchInductor: ~1.2x per step on 2 CPU cores, minutes to compile
             # Automatic dynamic shapes: static first, then only the sizes that change (the
@@ -629,14 +636,18 @@ class Trainer:
 
     def _open_metrics_log(self):
         """OUT/metrics.jsonl, one line per step; after a resume, the lines of the steps that are
-        trained again are dropped first, so each step appears once."""
+        trained again are dropped first (and a line cut short by a kill), so each step appears
+        once."""
         path = self.out / "metrics.jsonl"
+
+        def kept(line: str) -> bool:
+            try:
+                return json.loads(line).get("step", 0) <= self.step
+            except (json.JSONDecodeError, AttributeError):
+                return False
+
         if path.exists():
-            keep = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.step
-            ]
+            keep = [line for line in path.read_text().splitlines() if kept(line)]
             atomic_write_text(path, "".join(line + "\n" for line in keep))
         return path.open("a")
 

@@ -345,6 +345,7 @@ def test_cli_evaluate(sets, tmp_path):
         (["--data", "{d2}", "--prompt", "lasso"], "unknown prompt"),
         (["--data", "{d2}", "--prompt", "box", "--max-cases", "0"], "max-cases"),
         (["--data", "{d2}", "--prompt", "box", "--mirror"], "no test-time mirroring"),
+        (["--data", "{d2}", "--prompt", "box", "--overlays", "{d2}/dataset.json"], "is a file"),
     ],
 )
 def test_cli_errors_exit_2_one_line(sets, tmp_path, args, message):

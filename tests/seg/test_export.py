@@ -69,3 +69,22 @@ def test_export_run(tmp_path):
         export_run(tiny, tmp_path / "tiny.pth")
     with pytest.raises(MedfmError, match="does not exist"):
         export_run(tmp_path / "nope", tmp_path / "x.pth")
+
+
+def test_cli_export_notes_what_the_pth_cannot_carry(tmp_path):
+    from typer.testing import CliRunner
+
+    from medfm.cli.main import app
+
+    extra = {"mask_thresholds": {"box": -2.0}, "box_crop": True}
+    save_pretrained(tiny_sam(TINY_SPEC, seed=2), tmp_path / "run" / "model", name="vit_b",
+                    extra=extra)  # fmt: skip
+    r = CliRunner().invoke(app, ["seg", "export", str(tmp_path / "run"), "-o",
+                                 str(tmp_path / "x.pth")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str(tmp_path / "x.pth")
+    notes = r.stderr.strip().splitlines()
+    assert len(notes) == 3 and all(
+        n.startswith("note: the .pth holds the weights only") for n in notes
+    )
+    assert "{'box': -2.0}" in notes[1] and "cropped" in notes[2]

@@ -360,3 +360,10 @@ def test_a_model_folders_weights_file_brings_the_folders_settings(tmp_path, imag
         assert s.coords == "pixel" and s.box_crop and s.mask_thresholds["box"] == -2.0
         s.set_image(image)
     assert torch.equal(by_file.predict(boxes=BOXES).masks, by_folder.predict(boxes=BOXES).masks)
+
+
+def test_box_is_another_name_for_boxes(seg):
+    one = seg.predict(box=BOXES[0])
+    torch.testing.assert_close(one.logits, seg.predict(boxes=BOXES[:1]).logits)
+    with pytest.raises(MedfmError, match="not both"):
+        seg.predict(box=BOXES[0], boxes=BOXES)

@@ -66,6 +66,8 @@ def test_resume_after_a_kill_ends_with_the_same_weights(synth, tmp_path):
     assert ckpts == ["step_0000002"]
     with pytest.raises(MedfmError, match="--resume"):
         train(killed)
+    with (tmp_path / "killed" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "lo')  # a line cut short by the kill
     train(killed, resume=True)
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
     assert a.keys() == b.keys()
@@ -468,3 +470,27 @@ def test_resuming_a_finished_run_keeps_its_model_and_calibration(synth, tmp_path
     assert train(cfg, resume=True) == final
     assert json.loads((final / "config.json").read_text()) == config
     assert (final / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_frozen_random_encoder_is_warned_of(synth, tmp_path):
+    logs = []
+    Trainer(_cfg(synth, tmp_path / "a"), log=logs.append)
+    assert any("frozen image encoder has random weights" in m for m in logs)
+    logs.clear()
+    Trainer(_cfg(synth, tmp_path / "b", train_encoder=True), log=logs.append)
+    assert not any("random weights" in m for m in logs)
+
+
+@pytest.mark.parametrize("image_size", [256, 1024])
+def test_lowres_label_stays_centred_like_the_image(image_size):
+    lab = torch.zeros(100, 100, dtype=torch.long)
+    lab[40:60, 30:70] = 1  # centred on row 49.5 and column 49.5: the image's centre
+    low = lowres_label(lab, image_size).float()
+    rows, cols = torch.nonzero(low, as_tuple=True)
+    # at 256 exactly centred; from 1024 each 4 x 4 block is read at its pixel (2, 2), an
+    # eighth of a pixel from its centre, and this label's edges fall half-way across blocks
+    tol = 0 if image_size == 256 else 0.5
+    assert float(rows.float().mean()) == pytest.approx(127.5, abs=tol + 1e-6)
+    assert float(cols.float().mean()) == pytest.approx(127.5, abs=tol + 1e-6)
+    assert low.sum() == pytest.approx(20 * 40 * 2.56**2, rel=0.05)
