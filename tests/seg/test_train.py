@@ -410,6 +410,39 @@ def test_upscaled_masks_match_sams_upscaling_modules_in_values_and_gradients():
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n_tokens", [3, 7, 8, 12])  # 4 heads x 8 tokens = internal width 32
+def test_two_way_transformer_matches_sams_in_values_and_gradients(n_tokens):
+    from segment_anything.modeling import TwoWayTransformer
+
+    from medfm.seg.decoder import two_way_transformer
+
+    torch.manual_seed(n_tokens)
+    tr = TwoWayTransformer(depth=2, embedding_dim=64, mlp_dim=32, num_heads=4)
+    for p in tr.parameters():  # biases and norms away from their zero / one start
+        p.data.add_(torch.randn_like(p) * 0.2)
+    n, h, w = 3, 5, 7
+    src = torch.randn(n, 64, h, w, requires_grad=True)
+    pe = torch.randn(n, 64, h, w)
+    tokens = torch.randn(n, n_tokens, 64, requires_grad=True)
+    ref = tr(src, pe, tokens)
+    out = two_way_transformer(tr, src, pe, tokens)
+    for a, b in zip(ref, out, strict=True):  # float rounding of other products
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    gq, gk = torch.randn_like(ref[0]), torch.randn_like(ref[1])
+    names = ["src", "tokens", *(k for k, _ in tr.named_parameters())]
+    wrt = [src, tokens, *tr.parameters()]
+
+    def grads(result):
+        loss = (result[0] * gq).sum() + (result[1] * gk).sum()
+        return torch.autograd.grad(loss, wrt, allow_unused=True)
+
+    for name, a, b in zip(names, grads(ref), grads(out), strict=True):
+        if name.endswith("k_proj.bias"):  # the softmax ignores a key bias: zero gradient
+            assert float(a.abs().max()) < 1e-4 and (b is None or float(b.abs().max()) < 1e-4)
+        else:  # within float rounding of the largest entry (fp32 sums over 35 image tokens)
+            assert float((b - a).abs().max()) <= 1e-4 * float(a.abs().max()) + 1e-5, name
+
+
 @pytest.mark.gpu
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_cuda_bf16_training_step_matches_the_cpu_step(synth, tmp_path):
