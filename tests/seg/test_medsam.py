@@ -9,18 +9,16 @@ from skimage import transform
 from medfm.seg.predict import Segmenter, medsam_input
 
 from .conftest import TINY_SPEC, tiny_sam
+from .test_predict import H, W
+from .test_predict import image as grey  # noqa: F401  (a fixture)
 
-H, W = 30, 50
 BOXES = np.array([[10, 5, 38, 24], [0, 0, 49, 29], [20.5, 10, 21, 12.5]])
 
 
 @pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    g = np.random.default_rng(2)
-    rows, cols = np.mgrid[0:H, 0:W]
-    img = 40 + cols * 1.5 + g.normal(0, 8, (H, W))
-    img[((rows - 14) / 8) ** 2 + ((cols - 22) / 13) ** 2 <= 1] += 120
-    return np.repeat(np.clip(img, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+def image(grey) -> np.ndarray:  # noqa: F811  (the fixture, as an argument)
+    """test_predict's 30 x 50 image (a bright ellipse on a ramp), as RGB."""
+    return np.repeat(grey[:, :, None], 3, axis=2)
 
 
 @torch.no_grad()
