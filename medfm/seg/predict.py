@@ -292,19 +292,21 @@ class Segmenter:
             raise MedfmError(f"{self.name}: {e}; give an (H, W) or (H, W, 3) image") from None
         h, w = rgb.shape[:2]
         size = self.transform.target_length
-        if self.coords == "medsam":
+        if self.coords == "medsam":  # MedSAM's stretched square input, in [0, 1]
+            input_size = (size, size)
             x = torch.as_tensor(medsam_input(rgb, size), device=self.device)[None]
         else:
-            if min(self.transform.get_preprocess_shape(h, w, size)) < 1:
+            input_size = self.transform.get_preprocess_shape(h, w, size)
+            if min(input_size) < 1:
                 raise MedfmError(
                     f"{self.name}: an image of {h} x {w} pixels is too thin to resize to {size}"
                 )
             resized = self.transform.apply_image(rgb)
             x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+            x = self.model.preprocess(x)  # SAM's normalisation and padding
         with torch.inference_mode():
-            pre = x if self.coords == "medsam" else self.model.preprocess(x)
-            embedding = self.model.image_encoder(pre)
-        return embedding.clone(), (int(x.shape[-2]), int(x.shape[-1])), (int(h), int(w))
+            embedding = self.model.image_encoder(x)
+        return embedding.clone(), (int(input_size[0]), int(input_size[1])), (int(h), int(w))
 
     def set_image(self, image: np.ndarray | torch.Tensor) -> None:
         """image (H, W) or (H, W, 3) uint8: compute its embedding once for `predict` (with

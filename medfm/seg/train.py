@@ -414,7 +414,7 @@ class Trainer:
         norm = {"pixel_mean": self.model.pixel_mean, "pixel_std": self.model.pixel_std}
         for name, t in [*sorted(encoder.items()), *norm.items()]:
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return f"{self.cfg.model}:{self.image_size}:{h.hexdigest()[:16]}"
 
     def _encode(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -565,9 +565,7 @@ class Trainer:
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         shutil.rmtree(ck, ignore_errors=True)
         os.replace(tmp, ck)
-        old = sorted(p for p in ck.parent.iterdir() if p.name.startswith("step_") and
-                     not p.name.endswith(".partial"))  # fmt: skip
-        for p in old[: -self.cfg.keep_checkpoints]:
+        for p in saved_checkpoints(self.out)[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(p, ignore_errors=True)
         return ck
 
@@ -605,11 +603,7 @@ class Trainer:
 
     def run(self, *, progress: Callable[[int, dict], None] | None = None) -> Path:
         """Train from ``self.step`` to cfg.steps, then write the final model (``OUT/model``).
-        A run resumed at its end whose model was written keeps it as it is (with what was
-        added to its config.json since, e.g. `medfm.seg.calibrate`'s thresholds)."""
-        if self.step >= self.cfg.steps and (done := finished_model(self.out)) is not None:
-            self.log(f"{self.out} finished training earlier; its model is {done}")
-            return done
+        (`train` does not build a Trainer for a run that finished earlier.)"""
         self.out.mkdir(parents=True, exist_ok=True)
         log = self._open_metrics_log() if self.rank == 0 else None
         try:
@@ -726,17 +720,15 @@ def saved_checkpoints(out: Path) -> list[Path]:
                   and not p.name.endswith(".partial") and (p / "state.json").exists())  # fmt: skip
 
 
-def finished_model(out: Path, steps: int | None = None) -> Path | None:
-    """OUT/model when the run wrote its final model (and, with ``steps``, its last checkpoint
-    is at ``steps``), else None."""
+def finished_model(out: Path, steps: int) -> Path | None:
+    """OUT/model when the run wrote its final model and its last checkpoint is at ``steps``
+    (a finished run: resuming it keeps the model as it is, with what was added to its
+    config.json since, e.g. `medfm.seg.calibrate`'s thresholds), else None."""
     final = Path(out) / "model"
-    if not (final / "config.json").is_file():
+    done = saved_checkpoints(Path(out))
+    if not (final / "config.json").is_file() or not done:
         return None
-    if steps is not None:
-        done = saved_checkpoints(Path(out))
-        if not done or json.loads((done[-1] / "state.json").read_text())["step"] < steps:
-            return None
-    return final
+    return final if json.loads((done[-1] / "state.json").read_text())["step"] >= steps else None
 
 
 def prepare_run(cfg: TrainConfig, *, resume: bool) -> None:
