@@ -13,6 +13,8 @@ the working directory.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
@@ -20,7 +22,16 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
+from medfm import __version__
 from medfm.errors import MedfmError
+from medfm.seg.models import (
+    BUNDLED_DIR,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    model_folder,
+    read_config,
+    run_model_dir,
+)
 from medfm.seg.train import TrainConfig
 from medfm.synth.case import SynthConfig
 
@@ -170,8 +181,104 @@ def load_recipe(path: str | Path) -> Recipe:
         raise MedfmError(f"recipe {path}: {where}: {err['msg']}") from None
 
 
+# ------------------------------------------------------------------ steps already done
+
+FINGERPRINT_KEY = "inputs_sha256"
+"""Where an evaluate step's report and a calibrate step's ``calibration`` record keep the
+sha256 of what made them (`_fingerprint`): a recipe run again skips a step whose output holds
+the fingerprint of its inputs as they are now."""
+
+_CALIBRATION_KEYS = ("mask_thresholds", "box_crop", "calibration")  # what calibrate writes
+
+
+def _fingerprint(args: BaseModel, files: list[Path], configs: list[Path], trees: list[Path]) -> str:
+    """sha256 of a step's arguments, medfm's version, the contents of ``files``, the
+    ``configs`` (model config.json files, less what calibration writes into them) and the
+    names and contents of the files under each of ``trees`` (the data; contents, not times,
+    so that a dataset made again the same way, or copied, is the same)."""
+    h = hashlib.sha256(f"{__version__}\n{args.model_dump_json()}\n".encode())
+
+    def add_file(path: Path, name: str) -> None:
+        h.update(f"file {name}\n".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+
+    for path in files:
+        add_file(path, path.name)
+    for path in configs:
+        config = json.loads(path.read_text())
+        kept = {k: v for k, v in config.items() if k not in _CALIBRATION_KEYS}
+        h.update(f"config {json.dumps(kept, sort_keys=True)}\n".encode())
+    for root in trees:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            add_file(path, path.relative_to(root).as_posix())
+    return h.hexdigest()
+
+
+def _model_files(model: str, checkpoint: str | None) -> tuple[list[Path], list[Path]]:
+    """The weight files and config.json files that ``model`` (a name, a model folder or a
+    training run's folder) and ``checkpoint`` stand for: (weights, configs)."""
+    weights: list[Path] = []
+    configs: list[Path] = []
+    for given in (model, checkpoint):
+        if given is None:
+            continue
+        path = Path(given)
+        if given == "medfm-tiny" and not path.exists():
+            path = BUNDLED_DIR
+        if path.is_file():
+            weights.append(path)
+            path = path.parent  # a model folder's model.safetensors brings its config.json
+        elif path.is_dir():
+            path = run_model_dir(path)
+            weights += [w for w in [path / WEIGHTS_NAME] if w.is_file()]
+        configs += [c for c in [path / CONFIG_NAME] if c.is_file()]
+    return weights, configs
+
+
+def _evaluate_fingerprint(a: EvaluateArgs) -> str:
+    weights, configs = _model_files(a.model, a.checkpoint)
+    # the whole config.json: its thresholds and crop setting make the masks
+    return _fingerprint(a, weights + configs, [], [Path(a.data)])
+
+
+def _evaluated(a: EvaluateArgs, fingerprint: str) -> bool:
+    """Whether ``a.out`` is a report made from these very inputs (and its overlays exist)."""
+    try:
+        report = json.loads(Path(a.out).read_text())
+    except (OSError, ValueError):
+        return False
+    if a.overlays is not None and not Path(a.overlays).is_dir():
+        return False
+    return isinstance(report, dict) and report.get(FINGERPRINT_KEY) == fingerprint
+
+
+def _calibrate_fingerprint(a: CalibrateArgs) -> str:
+    folder = model_folder(a.model, purpose="calibration writes into its config.json")
+    weights, configs = _model_files(str(folder), None)
+    return _fingerprint(a, weights, configs, [Path(d) for d in a.data])
+
+
+def _calibrated(a: CalibrateArgs, fingerprint: str) -> bool:
+    """Whether the model's config.json holds a calibration made from these very inputs, with
+    the thresholds (and box crop) it chose still in place."""
+    config = read_config(model_folder(a.model, purpose="calibration writes into its config.json"))
+    record = config.get("calibration")
+    if not isinstance(record, dict) or record.get(FINGERPRINT_KEY) != fingerprint:
+        return False
+    thresholds = config.get("mask_thresholds") or {}
+    chosen = record.get("prompts") or {}
+    return all(
+        thresholds.get(p) == entry.get("threshold")
+        and (p != "box" or config.get("box_crop") == entry.get("box_crop"))
+        for p, entry in chosen.items()
+    )
+
+
 def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=None) -> None:
-    """Run every step in order (each one resumes where a previous run stopped)."""
+    """Run every step in order (each one resumes where a previous run stopped; a calibrate or
+    evaluate step whose output was made from the same inputs, `_fingerprint`, is skipped)."""
     for i, step in enumerate(recipe.steps, 1):
         if isinstance(step, SynthStep):
             from medfm.synth.dataset import generate_dataset
@@ -211,10 +318,14 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=N
 
             a = step.calibrate
             log(f"[{i}/{len(recipe.steps)}] calibrate {a.model} on {', '.join(a.data)}")
+            fingerprint = _calibrate_fingerprint(a)
+            if _calibrated(a, fingerprint):
+                log("    calibrated from the same model and data already, skipped")
+                continue
             grid = DEFAULT_GRID if a.grid is None else a.grid
             calibrate(
                 a.model, a.data, a.prompts, grid, device=a.device, log=lambda m: log(f"    {m}"),
-                box_crop=a.box_crop,
+                box_crop=a.box_crop, fingerprint=fingerprint,
             )  # fmt: skip
         else:
             from medfm.seg.evaluate import check_overlays, evaluate, load_predictor, write_report
@@ -226,6 +337,10 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=N
                     continue
                 raise MedfmError(f"evaluation data {a.data} not found")
             log(f"[{i}/{len(recipe.steps)}] evaluate {a.model} on {a.data} ({a.prompt})")
+            fingerprint = _evaluate_fingerprint(a)
+            if _evaluated(a, fingerprint):
+                log(f"    {a.out} was made from the same model and data, skipped")
+                continue
             check_overlays(a.overlays)
             predictor = load_predictor(
                 a.model, a.checkpoint, device=a.device, mirror=a.mirror,
@@ -234,5 +349,5 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=N
             report = evaluate(
                 predictor, a.data, a.prompt, overlays=Path(a.overlays) if a.overlays else None
             )
-            write_report(report, a.out)
+            write_report({**report, FINGERPRINT_KEY: fingerprint}, a.out)
             log(f"    mean Dice {report['mean_dice']:.3f}, NSD {report['mean_nsd']:.3f} -> {a.out}")

@@ -235,7 +235,10 @@ def seg_train(
         ),
     ] = False,
     compile_model: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the encoder and decoder.")
+        bool,
+        typer.Option(
+            "--compile", help="torch.compile the image encoder (for --train-encoder and the cache)."
+        ),
     ] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
     cache: Annotated[Path | None, typer.Option(help="Embedding cache folder.")] = None,

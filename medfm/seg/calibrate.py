@@ -135,6 +135,7 @@ def calibrate(
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
     box_crop: Sequence[bool] = (False, True),
+    fingerprint: str | None = None,
 ) -> dict:
     """Choose the mask threshold of each prompt kind of the model folder (or training run)
     ``model`` on the synthetic sets ``data``: the threshold of ``grid`` with the highest mean
@@ -142,7 +143,9 @@ def calibrate(
     whether masks are cropped to their box (`medfm.seg.predict.Segmenter`'s ``box_crop``): the
     best pair of ``box_crop`` x ``grid`` (ties: no crop). Writes ``mask_thresholds`` ({prompt:
     threshold}), with boxes ``box_crop``, and ``calibration`` (the data, the grid and every
-    Dice) into its config.json, atomically, and returns the ``calibration`` entry."""
+    Dice) into its config.json, atomically, and returns the ``calibration`` entry.
+    ``fingerprint``: kept in that entry as ``inputs_sha256`` (what a recipe run again checks,
+    `medfm.recipe`)."""
     from medfm.io import atomic_write_text
     from medfm.seg.models import read_config
     from medfm.seg.predict import Segmenter
@@ -198,6 +201,8 @@ def calibrate(
     config["mask_thresholds"] = {**(config.get("mask_thresholds") or {}), **chosen}
     if chosen_crop is not None:
         config["box_crop"] = chosen_crop
+    if fingerprint is not None:
+        record["inputs_sha256"] = fingerprint
     config["calibration"] = record
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
     return record

@@ -2,10 +2,12 @@
 synthetic data (`medfm.seg.calibrate`, ``medfm seg calibrate``, the recipe step)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from medfm.cli.main import app
@@ -148,3 +150,47 @@ def test_cli_and_recipe(sets, folder, tmp_path):
     recipe.write_text(f"name: c\nsteps:\n  - calibrate: {{model: {folder}, data: []}}\n")
     r = runner.invoke(app, ["run", str(recipe)])
     assert r.exit_code == 2 and "steps.0" in r.output
+
+
+def test_a_recipe_run_again_skips_what_the_same_inputs_made(sets, folder, tmp_path):
+    """Calibrate and evaluate steps whose outputs were made from the same model, data and
+    arguments are skipped (their files untouched); a change to any of them runs them again."""
+    data = tmp_path / "set"
+    shutil.copytree(sets[0], data)
+    report = tmp_path / "r.json"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: c\nsteps:\n"
+        f"  - calibrate: {{model: {folder}, data: [{data}], prompts: [box], grid: [-1, 0.5]}}\n"
+        f"  - evaluate: {{model: {folder}, data: {data}, prompt: box, out: {report}}}\n"
+    )
+    runner = CliRunner()
+    config_file = folder / "config.json"
+
+    def run() -> tuple[str, list[tuple[bytes, int]]]:
+        r = runner.invoke(app, ["run", str(recipe)])
+        assert r.exit_code == 0, r.output
+        return r.output, [(p.read_bytes(), p.stat().st_mtime_ns) for p in (config_file, report)]
+
+    out, first = run()
+    assert "skipped" not in out
+    assert len(json.loads(report.read_text())["inputs_sha256"]) == 64
+    out, again = run()
+    assert out.count("skipped") == 2 and again == first
+    # a threshold changed by hand: calibration runs again and puts its own back, which is
+    # what the report was made with
+    chosen = read_config(folder)["mask_thresholds"]["box"]
+    config = read_config(folder)
+    config["mask_thresholds"]["box"] = 3.0
+    config_file.write_text(json.dumps(config))
+    out, again = run()
+    assert "calibrated from the same" not in out and f"{report} was made from the same" in out
+    assert read_config(folder)["mask_thresholds"]["box"] == chosen in (-1.0, 0.5)
+    assert again[1] == first[1]
+    # new data (an image mirrored): both run again
+    image = sorted((data / "imagesTr").iterdir())[0]
+    Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)
+    out, _ = run()
+    assert "skipped" not in out
+    out, _ = run()
+    assert out.count("skipped") == 2
