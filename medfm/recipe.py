@@ -67,7 +67,7 @@ class EvaluateArgs(BaseModel):
     model: str = "medfm-tiny"
     checkpoint: str | None = None
     data: str
-    prompt: Literal["box", "point"] = "box"
+    prompt: Literal["box", "point", "box3d"] = "box"
     out: str
     overlays: str | None = None
     device: str = "cpu"

@@ -69,7 +69,14 @@ seg_app = typer.Typer(
 @user_errors
 def seg_evaluate(
     data: Annotated[Path, typer.Option("--data", help="nnU-Net v2 raw dataset folder.")],
-    prompt: Annotated[str, typer.Option("--prompt", help="box or point.")],
+    prompt: Annotated[
+        str,
+        typer.Option(
+            "--prompt",
+            help="box or point (per image or slice), or box3d (3D sets: each label's 3D box "
+            "propagated from its middle slice, MedSAM's).",
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Report JSON to write.")],
     model: Annotated[
         str,
@@ -98,6 +105,7 @@ def seg_evaluate(
     """Dice and surface Dice of a model with one prompt per label and image (DESIGN.md)."""
     from medfm.cli.progress import progress_bar
     from medfm.seg.evaluate import (
+        EVAL_PROMPTS,
         check_overlays,
         check_prompt,
         evaluate,
@@ -107,7 +115,7 @@ def seg_evaluate(
     )
 
     # Validate everything cheap before loading a model.
-    check_prompt(prompt)
+    check_prompt(prompt, EVAL_PROMPTS)
     list_eval_cases(data, max_cases)
     check_overlays(overlays)
     if out.is_dir():

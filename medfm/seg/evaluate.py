@@ -20,6 +20,11 @@ Protocol
     the Euclidean distance transform of the label mask (``scipy.ndimage.distance_transform_edt``,
     the image border counting as background), ties broken by the first pixel in row-major order.
 
+  - box3d (3D cases only; not one prompt per slice): each label's tight 3D box, segmented by
+    MedSAM's propagation (`medfm.seg.volume.propagate_box3d`: the 3D box on its middle slice,
+    then each next slice prompted by the box of the previous slice's mask), which is what
+    ``medfm seg predict --box x0,y0,x1,y1,z0,z1`` does.
+
   Slices without any label are not shown to the predictor. With point prompts the predictor is
   asked for SAM's three masks and keeps the best-scoring one (``multimask=True``, SAM's setting
   for a single ambiguous click), unless the model was trained with one output for single
@@ -55,6 +60,7 @@ from medfm.seg.types import Predictor, click_multimask, to_rgb_uint8
 
 __all__ = [
     "NSD_TOLERANCE",
+    "EVAL_PROMPTS",
     "PROMPTS",
     "SlicePrompts",
     "ask_prompts",
@@ -70,6 +76,8 @@ __all__ = [
 ]
 
 PROMPTS = ("box", "point")
+EVAL_PROMPTS = (*PROMPTS, "box3d")
+"""`evaluate`'s prompts: the 2D ones of `PROMPTS` (per image or slice) and 3D boxes."""
 NSD_TOLERANCE = 2.0
 """Surface Dice tolerance in units of the spacing: pixels for PNG sets, mm for NIfTI sets."""
 
@@ -177,10 +185,10 @@ def score_label(
 # ----------------------------------------------------------------------------- inputs
 
 
-def check_prompt(prompt: str) -> str:
-    """``"box"`` or ``"point"``; anything else raises MedfmError."""
-    if prompt not in PROMPTS:
-        raise MedfmError(f"unknown prompt {prompt!r}; use one of: {', '.join(PROMPTS)}")
+def check_prompt(prompt: str, kinds: tuple[str, ...] = PROMPTS) -> str:
+    """``prompt`` if it is one of ``kinds`` (``"box"`` or ``"point"``); else MedfmError."""
+    if prompt not in kinds:
+        raise MedfmError(f"unknown prompt {prompt!r}; use one of: {', '.join(kinds)}")
     return prompt
 
 
@@ -312,7 +320,7 @@ def evaluate(
     Args:
         predictor: any `medfm.seg.types.Predictor`.
         data_dir: an nnU-Net v2 raw folder (2D ``.png`` or 3D ``.nii.gz``).
-        prompt: ``"box"`` or ``"point"``.
+        prompt: ``"box"``, ``"point"`` or ``"box3d"`` (3D sets; module docstring).
         overlays: a folder to write ``CASE.png`` into, per case: the image (3D: the slice with
             the largest labelled area), the ground-truth outlines, the predicted outlines.
         max_cases: evaluate only the first cases in sorted order.
@@ -330,16 +338,20 @@ def evaluate(
         labels: {name: {dice, nsd}}}]),
         ``skipped`` (ids of cases without any label).
     """
-    check_prompt(prompt)
+    check_prompt(prompt, EVAL_PROMPTS)
     allowed = getattr(predictor, "prompt_types", PROMPTS)
     name = getattr(predictor, "name", type(predictor).__name__)
-    if prompt not in allowed:
+    kind = "box" if prompt == "box3d" else prompt  # the prompts the predictor is asked
+    if kind not in allowed:
         raise MedfmError(f"the {name} model takes {' / '.join(allowed)} prompts, not {prompt}")
     if multimask is None:
         multimask = prompt == "point" and click_multimask(predictor)
     cases = list_eval_cases(data_dir, max_cases)
     folder = Path(data_dir)
-    names = {v: k for k, v in read_dataset_json(folder).labels.items()}
+    meta = read_dataset_json(folder)
+    if prompt == "box3d" and meta.file_ending == ".png":
+        raise MedfmError(f"box3d prompts need 3D cases; {folder} holds 2D .png images")
+    names = {v: k for k, v in meta.labels.items()}
     overlay_dir = check_overlays(overlays)
 
     per_case: list[dict] = []
@@ -379,8 +391,8 @@ def evaluate(
         "model": name,
         "prompt": prompt,
         "mirror": bool(getattr(predictor, "mirror", False)),
-        "mask_threshold": (getattr(predictor, "mask_thresholds", None) or {}).get(prompt),
-        "box_crop": bool(getattr(predictor, "box_crop", False)) if prompt == "box" else None,
+        "mask_threshold": (getattr(predictor, "mask_thresholds", None) or {}).get(kind),
+        "box_crop": bool(getattr(predictor, "box_crop", False)) if kind == "box" else None,
         "data": str(folder),
         "nsd_tolerance": NSD_TOLERANCE,
         "n_cases": len(per_case),
@@ -412,6 +424,10 @@ def _evaluate_case(
         raise MedfmError(
             f"case {case_id} holds label values {unknown} that dataset.json does not name"
         )
+    if prompt == "box3d":
+        if lab.ndim != 3:
+            raise MedfmError(f"box3d prompts need 3D cases; case {case_id} is 2D")
+        return _evaluate_box3d(predictor, case_id, image, lab, present, names)
     pred = {v: np.zeros(lab.shape, dtype=bool) for v in present}
     best: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None  # (area, rgb, gt, pred)
     for k, rgb, lab2d in _images(image.data, label.data):
@@ -435,19 +451,54 @@ def _evaluate_case(
         area = int((lab2d > 0).sum())
         if best is None or area > best[0]:
             best = (area, rgb, lab2d, pred_map)
-    spacing = tuple(image.spacing)
-    labels = {}
+    assert best is not None
+    return _case_entry(case_id, pred, lab, tuple(image.spacing), names), best[1:]
+
+
+def _evaluate_box3d(
+    predictor: Predictor,
+    case_id: str,
+    image,
+    lab: np.ndarray,
+    present: list[int],
+    names: dict[int, str],
+) -> tuple[dict, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`_evaluate_case` with box3d prompts: each label's tight 3D box propagated."""
+    from medfm.seg.volume import propagate_box3d
+
+    vol = volume_uint8(image.data.detach().cpu().numpy()[0])
+    pred = {}
     for v in present:
-        dice, nsd = score_label(pred[v], lab == v, spacing)
+        i, j, k = np.nonzero(lab == v)
+        box = np.array([j.min(), i.min(), j.max(), i.max(), k.min(), k.max()], np.float32)
+        pred[v] = propagate_box3d(predictor, vol, box)
+    k = int(np.argmax((lab > 0).sum(axis=(0, 1))))  # the overlay's slice
+    pred_map = np.zeros(lab.shape[:2], dtype=np.int64)
+    for v in present:
+        pred_map[pred[v][:, :, k]] = v
+    entry = _case_entry(case_id, pred, lab, tuple(image.spacing), names)
+    return entry, (to_rgb_uint8(vol[:, :, k]), lab[:, :, k], pred_map)
+
+
+def _case_entry(
+    case_id: str,
+    pred: dict[int, np.ndarray],
+    lab: np.ndarray,
+    spacing: tuple[float, ...],
+    names: dict[int, str],
+) -> dict:
+    """A case's report entry: Dice and NSD of each label's mask ``pred[v]`` against ``lab ==
+    v``, and their means."""
+    labels = {}
+    for v, mask in pred.items():
+        dice, nsd = score_label(mask, lab == v, spacing)
         labels[names[v]] = {"dice": dice, "nsd": nsd}
-    entry = {
+    return {
         "case": case_id,
         "dice": float(np.mean([s["dice"] for s in labels.values()])),
         "nsd": float(np.mean([s["nsd"] for s in labels.values()])),
         "labels": labels,
     }
-    assert best is not None
-    return entry, best[1:]
 
 
 def write_report(report: dict, path: str | os.PathLike) -> Path:

@@ -362,3 +362,35 @@ def test_cli_module_imports_no_torch():
     probe = "import sys, medfm.cli.seg; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
+
+
+def test_box3d_propagates_each_labels_3d_box(sets, tmp_path):
+    """box3d: each label's tight 3D box, MedSAM's propagation. With box-fill every slice gets
+    the box it is given, so the middle slice's (the 3D box) is passed on to every slice: a
+    cuboid label comes out exact, the discs (radius 4 or 5 by slice) as their 3D box."""
+    d2, d3 = sets
+    fill = load_predictor("box-fill")
+    report = evaluate(fill, d3, "box3d", overlays=tmp_path / "ov")
+    assert report["prompt"] == "box3d" and report["n_cases"] == 2
+    assert report["box_crop"] is False and report["mask_threshold"] is None
+    for i, case in enumerate(report["per_case"]):
+        lab = _label_3d(i)
+        assert case["labels"]["lesion"]["dice"] == pytest.approx(1.0)
+        liver = lab == 1
+        rows, cols, slices = (np.flatnonzero(liver.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+        cuboid = np.zeros_like(liver)
+        cuboid[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1, slices[0] : slices[-1] + 1] = True
+        want = 2 * liver.sum() / (liver.sum() + cuboid.sum())
+        assert case["labels"]["liver"]["dice"] == pytest.approx(want, abs=1e-6) and want < 0.9
+    assert len(list((tmp_path / "ov").glob("*.png"))) == 2
+    # per slice, box-fill gets each slice's own tight box: better on the discs
+    assert evaluate(fill, d3, "box")["mean_dice"] > report["mean_dice"]
+    with pytest.raises(MedfmError, match="need 3D cases"):
+        evaluate(fill, d2, "box3d")
+    with pytest.raises(MedfmError, match="box, point, box3d"):
+        evaluate(fill, d3, "lasso")
+    r = run("--model", "box-fill", "--data", d3, "--prompt", "box3d", "--out", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r.json").read_text())["mean_dice"] == report["mean_dice"]
+    r = run("--model", "box-fill", "--data", d2, "--prompt", "box3d", "--out", tmp_path / "x.json")
+    assert r.exit_code == 2 and "need 3D cases" in r.stderr and not (tmp_path / "x.json").exists()
