@@ -191,11 +191,11 @@ the fingerprint of its inputs as they are now."""
 _CALIBRATION_KEYS = ("mask_thresholds", "box_crop", "calibration")  # what calibrate writes
 
 
-def _fingerprint(args: BaseModel, files: list[Path], configs: list[Path], trees: list[Path]) -> str:
+def _fingerprint(args: BaseModel, files: list[Path], configs: list[Path], data: list[Path]) -> str:
     """sha256 of a step's arguments, medfm's version, the contents of ``files``, the
     ``configs`` (model config.json files, less what calibration writes into them) and the
-    names and contents of the files under each of ``trees`` (the data; contents, not times,
-    so that a dataset made again the same way, or copied, is the same)."""
+    names and contents of the files under each ``data`` folder (contents, not times, so that a
+    dataset made again the same way, or copied, is the same)."""
     h = hashlib.sha256(f"{__version__}\n{args.model_dump_json()}\n".encode())
 
     def add_file(path: Path, name: str) -> None:
@@ -210,17 +210,16 @@ def _fingerprint(args: BaseModel, files: list[Path], configs: list[Path], trees:
         config = json.loads(path.read_text())
         kept = {k: v for k, v in config.items() if k not in _CALIBRATION_KEYS}
         h.update(f"config {json.dumps(kept, sort_keys=True)}\n".encode())
-    for root in trees:
+    for root in data:
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             add_file(path, path.relative_to(root).as_posix())
     return h.hexdigest()
 
 
-def _model_files(model: str, checkpoint: str | None) -> tuple[list[Path], list[Path]]:
-    """The weight files and config.json files that ``model`` (a name, a model folder or a
-    training run's folder) and ``checkpoint`` stand for: (weights, configs)."""
-    weights: list[Path] = []
-    configs: list[Path] = []
+def _model_files(model: str, checkpoint: str | None) -> list[Path]:
+    """The weight and config.json files that ``model`` (a name, a model folder or a training
+    run's folder) and ``checkpoint`` stand for."""
+    files: list[Path] = []
     for given in (model, checkpoint):
         if given is None:
             continue
@@ -228,48 +227,42 @@ def _model_files(model: str, checkpoint: str | None) -> tuple[list[Path], list[P
         if given == "medfm-tiny" and not path.exists():
             path = BUNDLED_DIR
         if path.is_file():
-            weights.append(path)
+            files.append(path)
             path = path.parent  # a model folder's model.safetensors brings its config.json
         elif path.is_dir():
             path = run_model_dir(path)
-            weights += [w for w in [path / WEIGHTS_NAME] if w.is_file()]
-        configs += [c for c in [path / CONFIG_NAME] if c.is_file()]
-    return weights, configs
+            files += [w for w in [path / WEIGHTS_NAME] if w.is_file()]
+        files += [c for c in [path / CONFIG_NAME] if c.is_file()]
+    return files
 
 
-def _evaluate_fingerprint(a: EvaluateArgs) -> str:
-    weights, configs = _model_files(a.model, a.checkpoint)
-    # the whole config.json: its thresholds and crop setting make the masks
-    return _fingerprint(a, weights + configs, [], [Path(a.data)])
-
-
-def _evaluated(a: EvaluateArgs, fingerprint: str) -> bool:
-    """Whether ``a.out`` is a report made from these very inputs (and its overlays exist)."""
+def _evaluated(a: EvaluateArgs) -> tuple[str, bool]:
+    """(the fingerprint of an evaluate step's inputs, whether ``a.out`` is a report made from
+    them, with its overlays there). The whole config.json counts: its thresholds and box crop
+    make the masks."""
+    fingerprint = _fingerprint(a, _model_files(a.model, a.checkpoint), [], [Path(a.data)])
     try:
         report = json.loads(Path(a.out).read_text())
     except (OSError, ValueError):
-        return False
+        return fingerprint, False
     if a.overlays is not None and not Path(a.overlays).is_dir():
-        return False
-    return isinstance(report, dict) and report.get(FINGERPRINT_KEY) == fingerprint
+        return fingerprint, False
+    return fingerprint, isinstance(report, dict) and report.get(FINGERPRINT_KEY) == fingerprint
 
 
-def _calibrate_fingerprint(a: CalibrateArgs) -> str:
+def _calibrated(a: CalibrateArgs) -> tuple[str, bool]:
+    """(the fingerprint of a calibrate step's inputs, whether the model's config.json holds a
+    calibration made from them, with the thresholds (and box crop) it chose still in place)."""
     folder = model_folder(a.model, purpose="calibration writes into its config.json")
-    weights, configs = _model_files(str(folder), None)
-    return _fingerprint(a, weights, configs, [Path(d) for d in a.data])
-
-
-def _calibrated(a: CalibrateArgs, fingerprint: str) -> bool:
-    """Whether the model's config.json holds a calibration made from these very inputs, with
-    the thresholds (and box crop) it chose still in place."""
-    config = read_config(model_folder(a.model, purpose="calibration writes into its config.json"))
+    config_file = folder / CONFIG_NAME
+    fingerprint = _fingerprint(a, [folder / WEIGHTS_NAME], [config_file], [Path(d) for d in a.data])
+    config = read_config(folder)
     record = config.get("calibration")
     if not isinstance(record, dict) or record.get(FINGERPRINT_KEY) != fingerprint:
-        return False
+        return fingerprint, False
     thresholds = config.get("mask_thresholds") or {}
     chosen = record.get("prompts") or {}
-    return all(
+    return fingerprint, all(
         thresholds.get(p) == entry.get("threshold")
         and (p != "box" or config.get("box_crop") == entry.get("box_crop"))
         for p, entry in chosen.items()
@@ -318,8 +311,8 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=N
 
             a = step.calibrate
             log(f"[{i}/{len(recipe.steps)}] calibrate {a.model} on {', '.join(a.data)}")
-            fingerprint = _calibrate_fingerprint(a)
-            if _calibrated(a, fingerprint):
+            fingerprint, done = _calibrated(a)
+            if done:
                 log("    calibrated from the same model and data already, skipped")
                 continue
             grid = DEFAULT_GRID if a.grid is None else a.grid
@@ -337,8 +330,8 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=N
                     continue
                 raise MedfmError(f"evaluation data {a.data} not found")
             log(f"[{i}/{len(recipe.steps)}] evaluate {a.model} on {a.data} ({a.prompt})")
-            fingerprint = _evaluate_fingerprint(a)
-            if _evaluated(a, fingerprint):
+            fingerprint, done = _evaluated(a)
+            if done:
                 log(f"    {a.out} was made from the same model and data, skipped")
                 continue
             check_overlays(a.overlays)

@@ -469,8 +469,9 @@ def _evaluate_box3d(
     vol = volume_uint8(image.data.detach().cpu().numpy()[0])
     pred = {}
     for v in present:
-        i, j, k = np.nonzero(lab == v)
-        box = np.array([j.min(), i.min(), j.max(), i.max(), k.min(), k.max()], np.float32)
+        m = lab == v
+        slices = np.flatnonzero(m.any(axis=(0, 1)))  # the box of its projection, its slices
+        box = np.r_[tight_box(m.any(axis=2)), slices[0], slices[-1]].astype(np.float32)
         pred[v] = propagate_box3d(predictor, vol, box)
     k = int(np.argmax((lab > 0).sum(axis=(0, 1))))  # the overlay's slice
     pred_map = np.zeros(lab.shape[:2], dtype=np.int64)

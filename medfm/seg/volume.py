@@ -11,15 +11,14 @@ import numpy as np
 import torch
 
 from medfm.errors import MedfmError
+from medfm.seg.evaluate import tight_box
 from medfm.seg.predict import box_region
 from medfm.seg.types import Predictor, click_multimask, to_rgb_uint8
 
 
 def _mask_box(mask: np.ndarray) -> np.ndarray | None:
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
-        return None
-    return np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=np.float32)
+    """The tight box of a mask (`medfm.seg.evaluate.tight_box`), None when it is empty."""
+    return tight_box(mask) if mask.any() else None
 
 
 def check_box(box: np.ndarray, height: int, width: int) -> None:
