@@ -21,6 +21,12 @@ The folds, all exact algebra:
   F(4x4, 3x3) (`medfm.kernels.conv`), with 2.25x fewer multiplications.
 - **Channels-last memory**, oneDNN's native layout, where LayerNorm over channels is a plain
   ``layer_norm`` over the last, contiguous dimension.
+- **GELU and residual sums inside the convolutions**: where torch has oneDNN's fused
+  convolution ops (``torch.ops.mkldnn._convolution_pointwise``, what TorchInductor emits on
+  CPU), each 3x3 / 1x1 convolution followed by GELU, and each 1x1 convolution whose output is
+  added to a residual or an upsampled map, is one call, with no second pass over memory; other
+  builds run the same sums with ``F.conv2d``. The neck's bias map is added as the Winograd
+  output is put back in image order.
 
 The weights are folded in float64 and stored in the parameters' dtype and device.
 """
@@ -134,14 +140,40 @@ def use_fused(encoder: nn.Module, x: torch.Tensor) -> bool:
     )
 
 
-def _conv_gelu(x: torch.Tensor, weight, bias, stride) -> torch.Tensor:
-    return F.gelu(F.conv2d(x, weight, bias, stride, 1))
+def _onednn_pointwise(x: torch.Tensor) -> bool:
+    """True where oneDNN's fused convolution ops (those TorchInductor emits on CPU) exist."""
+    return (
+        x.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops, "mkldnn")
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    )
 
 
-def _stage(x: torch.Tensor, blocks: list[tuple]) -> torch.Tensor:
+def _conv_gelu(x: torch.Tensor, weight, bias, stride, padding=1, fused=False) -> torch.Tensor:
+    """gelu(conv2d(x)) (erf GELU); ``fused``: in one oneDNN call, the GELU applied as each
+    output block is written instead of in a second pass over memory."""
+    if fused:
+        s, p = list(stride) if isinstance(stride, tuple) else [stride] * 2, [padding] * 2
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, p, s, [1, 1], 1, "gelu", [], "none"
+        )
+    return F.gelu(F.conv2d(x, weight, bias, stride, padding))
+
+
+def _conv_add(x: torch.Tensor, weight, bias, other: torch.Tensor, fused=False) -> torch.Tensor:
+    """conv2d(x) + other for a 1x1 convolution; ``fused``: the sum in the same oneDNN call."""
+    if fused:
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, weight, bias, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None, [], None
+        )
+    return F.conv2d(x, weight, bias) + other
+
+
+def _stage(x: torch.Tensor, blocks: list[tuple], fused: bool) -> torch.Tensor:
     for dw_w, dw_b, dilation, groups, pw1_w, pw1_b, pw2_w, pw2_b in blocks:
         h = F.conv2d(x, dw_w, dw_b, 1, dilation, dilation, groups)
-        x = x + F.conv2d(F.gelu(F.conv2d(h, pw1_w, pw1_b)), pw2_w, pw2_b)
+        x = _conv_add(_conv_gelu(h, pw1_w, pw1_b, 1, 0, fused), pw2_w, pw2_b, x, fused)
     return x
 
 
@@ -151,17 +183,20 @@ def fused_forward(encoder: TinyImageEncoder, x: torch.Tensor) -> torch.Tensor:
     size = (x.shape[-2] // 4, x.shape[-1] // 4)
     plan = _plan(encoder, size)
     stem, down, stages = plan["stem"], plan["down"], plan["stages"]
-    f1 = _stage(_conv_gelu(_conv_gelu(x, *stem[0]), *stem[1]), stages[0])
-    f2 = _stage(_conv_gelu(f1, *down[0]), stages[1])
-    f3 = encoder.context(_stage(_conv_gelu(f2, *down[1]), stages[2]))
+    fused = _onednn_pointwise(x)
+    f1 = _conv_gelu(_conv_gelu(x, *stem[0], fused=fused), *stem[1], fused=fused)
+    f1 = _stage(f1, stages[0], fused)
+    f2 = _stage(_conv_gelu(f1, *down[0], fused=fused), stages[1], fused)
+    f3 = encoder.context(_stage(_conv_gelu(f2, *down[1], fused=fused), stages[2], fused))
     y = encoder.lateral[2](f3)
     for feat, lateral in ((f2, encoder.lateral[1]), (f1, encoder.lateral[0])):
-        y = lateral(feat) + F.interpolate(y, size=feat.shape[-2:], mode="nearest")
+        up = F.interpolate(y, size=feat.shape[-2:], mode="nearest")
+        y = _conv_add(feat, lateral.weight, lateral.bias, up, fused)
     neck = plan["neck"]
     y_last = y.permute(0, 2, 3, 1).contiguous()  # B x H x W x 128 (a view when channels-last)
     variance = ((y_last @ neck["quad"]) * y_last).sum(-1, keepdim=True)
     y = (y_last * torch.rsqrt(variance + neck["eps"])).permute(0, 3, 1, 2)
-    u = winograd_conv3x3(y, neck["weight"]) + neck["bias_map"]
+    u = winograd_conv3x3(y, neck["weight"], add=neck["bias_map"])
     ln2 = encoder.neck[3]
     out = F.layer_norm(u.permute(0, 2, 3, 1), (u.shape[1],), ln2.weight, ln2.bias, ln2.eps)
     return out.permute(0, 3, 1, 2)

@@ -24,6 +24,23 @@ def test_equals_direct_convolution(b, cin, cout, h, w, channels_last):
     assert (got - expected).abs().max() <= 2e-5 * scale + 1e-6
 
 
+@pytest.mark.parametrize(("h", "w"), [(8, 12), (7, 10)])  # tile-aligned and not
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("add_shape", ["full", "broadcast"])
+def test_add_is_summed_into_the_output(h, w, with_bias, add_shape):
+    g = torch.Generator().manual_seed(h + 2 * with_bias)
+    x = torch.randn(2, 5, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(6, 5, 3, 3, generator=g)
+    bias = torch.randn(6, generator=g) if with_bias else None
+    shape = (2, 6, h, w) if add_shape == "full" else (1, 6, h, w)
+    add = torch.randn(*shape, generator=g).contiguous(memory_format=torch.channels_last)
+    got = winograd_conv3x3(x, winograd_weights(weight), bias, add=add)
+    expected = F.conv2d(x, weight, bias, padding=1) + add
+    assert got.shape == (2, 6, h, w)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, atol=2e-5 * float(expected.abs().max()), rtol=0)
+
+
 def test_float64_is_exact_to_rounding():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 9, 12, generator=g, dtype=torch.float64)

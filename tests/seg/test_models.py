@@ -341,7 +341,14 @@ def _module_path(enc, x):
         del enc.fused
 
 
-def test_fused_encoder_equals_modules():
+@pytest.mark.parametrize("onednn_ops", [True, False])  # oneDNN's fused conv ops, or torch's
+def test_fused_encoder_equals_modules(onednn_ops, monkeypatch):
+    import medfm.seg.fused as fused
+
+    if onednn_ops and not fused._onednn_pointwise(torch.zeros(1)):
+        pytest.skip("this torch has no oneDNN convolution_pointwise ops")
+    if not onednn_ops:
+        monkeypatch.setattr(fused, "_onednn_pointwise", lambda x: False)
     enc = _random_encoder(3)
     x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(1))
     expected = _module_path(enc, x)
