@@ -140,40 +140,43 @@ def use_fused(encoder: nn.Module, x: torch.Tensor) -> bool:
     )
 
 
+# oneDNN's fused convolution ops (those TorchInductor emits on CPU), where this torch has them
+_POINTWISE_OPS = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops, "mkldnn")
+    and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+)
+
+
 def _onednn_pointwise(x: torch.Tensor) -> bool:
-    """True where oneDNN's fused convolution ops (those TorchInductor emits on CPU) exist."""
-    return (
-        x.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops, "mkldnn")
-        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-    )
+    """True where oneDNN's fused convolution ops can run on ``x`` (float32, ops present)."""
+    return _POINTWISE_OPS and x.dtype == torch.float32
 
 
-def _conv_gelu(x: torch.Tensor, weight, bias, stride, padding=1, fused=False) -> torch.Tensor:
-    """gelu(conv2d(x)) (erf GELU); ``fused``: in one oneDNN call, the GELU applied as each
+def _conv_gelu(x: torch.Tensor, weight, bias, stride, padding=1, onednn=False) -> torch.Tensor:
+    """gelu(conv2d(x)) (erf GELU); ``onednn``: in one oneDNN call, the GELU applied as each
     output block is written instead of in a second pass over memory."""
-    if fused:
-        s, p = list(stride) if isinstance(stride, tuple) else [stride] * 2, [padding] * 2
+    if onednn:
+        s = [stride, stride] if isinstance(stride, int) else list(stride)
         return torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, p, s, [1, 1], 1, "gelu", [], "none"
+            x, weight, bias, [padding, padding], s, [1, 1], 1, "gelu", [], "none"
         )
     return F.gelu(F.conv2d(x, weight, bias, stride, padding))
 
 
-def _conv_add(x: torch.Tensor, weight, bias, other: torch.Tensor, fused=False) -> torch.Tensor:
-    """conv2d(x) + other for a 1x1 convolution; ``fused``: the sum in the same oneDNN call."""
-    if fused:
+def _conv_add(x: torch.Tensor, weight, bias, other: torch.Tensor, onednn=False) -> torch.Tensor:
+    """conv2d(x) + other for a 1x1 convolution; ``onednn``: the sum in the same oneDNN call."""
+    if onednn:
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, other, weight, bias, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None, [], None
         )
     return F.conv2d(x, weight, bias) + other
 
 
-def _stage(x: torch.Tensor, blocks: list[tuple], fused: bool) -> torch.Tensor:
+def _stage(x: torch.Tensor, blocks: list[tuple], onednn: bool) -> torch.Tensor:
     for dw_w, dw_b, dilation, groups, pw1_w, pw1_b, pw2_w, pw2_b in blocks:
         h = F.conv2d(x, dw_w, dw_b, 1, dilation, dilation, groups)
-        x = _conv_add(_conv_gelu(h, pw1_w, pw1_b, 1, 0, fused), pw2_w, pw2_b, x, fused)
+        x = _conv_add(_conv_gelu(h, pw1_w, pw1_b, 1, 0, onednn), pw2_w, pw2_b, x, onednn)
     return x
 
 
@@ -183,15 +186,15 @@ def fused_forward(encoder: TinyImageEncoder, x: torch.Tensor) -> torch.Tensor:
     size = (x.shape[-2] // 4, x.shape[-1] // 4)
     plan = _plan(encoder, size)
     stem, down, stages = plan["stem"], plan["down"], plan["stages"]
-    fused = _onednn_pointwise(x)
-    f1 = _conv_gelu(_conv_gelu(x, *stem[0], fused=fused), *stem[1], fused=fused)
-    f1 = _stage(f1, stages[0], fused)
-    f2 = _stage(_conv_gelu(f1, *down[0], fused=fused), stages[1], fused)
-    f3 = encoder.context(_stage(_conv_gelu(f2, *down[1], fused=fused), stages[2], fused))
+    onednn = _onednn_pointwise(x)
+    f1 = _conv_gelu(_conv_gelu(x, *stem[0], onednn=onednn), *stem[1], onednn=onednn)
+    f1 = _stage(f1, stages[0], onednn)
+    f2 = _stage(_conv_gelu(f1, *down[0], onednn=onednn), stages[1], onednn)
+    f3 = encoder.context(_stage(_conv_gelu(f2, *down[1], onednn=onednn), stages[2], onednn))
     y = encoder.lateral[2](f3)
     for feat, lateral in ((f2, encoder.lateral[1]), (f1, encoder.lateral[0])):
         up = F.interpolate(y, size=feat.shape[-2:], mode="nearest")
-        y = _conv_add(feat, lateral.weight, lateral.bias, up, fused)
+        y = _conv_add(feat, lateral.weight, lateral.bias, up, onednn)
     neck = plan["neck"]
     y_last = y.permute(0, 2, 3, 1).contiguous()  # B x H x W x 128 (a view when channels-last)
     variance = ((y_last @ neck["quad"]) * y_last).sum(-1, keepdim=True)
