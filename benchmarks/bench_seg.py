@@ -5,9 +5,9 @@ the values):
 
 - ``train``: decoder training steps/s of a randomly initialised ViT-B (1024 x 1024 input) on
   one batch of B random images, (a) reading their embeddings (B, 256, 64, 64) from an
-  `EmbeddingCache` (fp16 .npy, memory-mapped, read as `Trainer.embeddings` does) versus (b)
+  `EmbeddingCache` (fp16 .npy, memory-mapped, read as `SegTask.embeddings` does) versus (b)
   recomputing them every step with the frozen image encoder (under ``torch.no_grad``). Both
-  steps are otherwise `Trainer.train_step` under the default `TrainConfig`: prompts drawn for
+  steps are otherwise `Engine.train_step` under the default `TrainConfig`: prompts drawn for
   N labels per image, `decode` with the default `PromptConfig`'s refinement iterations (each a
   decoder pass, logits fed back) and multimask outputs, `sam_loss`, backward and an AdamW step
   on the prompt encoder and mask decoder (bf16 autocast on CUDA). Target ratio >= 20x.
@@ -17,7 +17,7 @@ the values):
   ``torch.inference_mode``, median and best of R runs (after 3 warm-up runs) in ms, for the
   default fused path (`medfm.seg.fused`: folded weights) and for the modules themselves
   (``modules_*``). Target <= 50 ms (median) on 2 CPU cores.
-- ``tiny_train``: medfm-tiny's own `Trainer.train_step` end to end (encoder trained, the
+- ``tiny_train``: medfm-tiny's own `Engine.train_step` end to end (encoder trained, the
   recipe's last settings, bf16 autocast on CUDA) on synthetic images generated first: median
   seconds per step of ``--tiny-batch`` images x 2 prompts (6 on the CPU, 32 on CUDA) and
   images/s.
@@ -46,6 +46,7 @@ import torch
 from _common import REPEATS, best_time, environment, sync
 from segment_anything.modeling import Sam
 
+from medfm.engine import step_generator
 from medfm.seg.cache import EmbeddingCache
 from medfm.seg.models import BUNDLED_DIR, build_model
 from medfm.seg.predict import Segmenter
@@ -57,9 +58,8 @@ from medfm.seg.prompts import (
 from medfm.seg.train import (
     LOWRES,
     TrainConfig,
-    Trainer,
+    make_engine,
     prompted_loss,
-    step_generator,
     trainable_prefixes,
 )
 
@@ -109,7 +109,7 @@ def train_bench(
     enc_steps: int,
     device: torch.device,
 ) -> dict:
-    """Steps/s of one Trainer.train_step on a fixed batch, from the cache and recomputing."""
+    """Steps/s of one Engine.train_step on a fixed batch, from the cache and recomputing."""
     image_size = int(model.image_encoder.img_size)
     scale = image_size / LOWRES
     prefixes = trainable_prefixes(cfg)
@@ -131,7 +131,7 @@ def train_bench(
             return model.image_encoder(model.preprocess(pixels))
 
     def step(step_index: int, embed: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Trainer.train_step on the fixed batch, embeddings from ``embed``; returns them."""
+        """Engine.train_step on the fixed batch, embeddings from ``embed``; returns them."""
         g = step_generator(cfg.seed, step_index)
         image_index, masks = random_label_masks(
             labels, generator=g, max_per_image=cfg.prompts_per_image
@@ -257,7 +257,7 @@ def latency_bench(model: Sam, runs: int, device: torch.device) -> dict:
 
 
 def tiny_train_bench(batch: int, steps: int, device: torch.device) -> dict:
-    """Seconds per `Trainer.train_step` of medfm-tiny with its recipe's last settings (encoder
+    """Seconds per `Engine.train_step` of medfm-tiny with its recipe's last settings (encoder
     trained, 2 prompts per image, a quarter of the images shrunk, boxes or single clicks) on
     synthetic images generated here: the median of ``steps`` steps after 2 warm-up steps."""
     from medfm.synth.dataset import generate_dataset
@@ -285,7 +285,7 @@ def tiny_train_bench(batch: int, steps: int, device: torch.device) -> dict:
                 refine_iters=0, multimask=False,
             ),
         )  # fmt: skip
-        trainer = Trainer(cfg)
+        trainer = make_engine(cfg)
         times = []
         for step in range(steps + 2):
             sync(device)
@@ -299,7 +299,7 @@ def tiny_train_bench(batch: int, steps: int, device: torch.device) -> dict:
         "image_size": 256,
         "batch": batch,
         "prompts_per_image": 2,
-        "amp": trainer._amp(),
+        "amp": trainer.amp,
         "steps_timed": steps,
         "median_s_per_step": round(med, 4),
         "images_per_s": round(batch / med, 1),

@@ -302,16 +302,17 @@ def seg_embed(
 ) -> None:
     """Compute each image's embedding once into the cache (fp16, memory-mapped)."""
     from medfm.devices import parse_device
-    from medfm.seg.train import TrainConfig, Trainer
+    from medfm.engine import Dist
+    from medfm.seg.train import SegTask, TrainConfig
 
-    parse_device(device)
+    dev = parse_device(device)
 
     cfg = TrainConfig(
         model=model, checkpoint=checkpoint, data=tuple(str(d) for d in data),
         out=str(cache / ".embed"), cache=str(cache), device=device,
     )  # fmt: skip
-    trainer = Trainer(cfg, log=lambda m: typer.echo(m, err=True))
-    typer.echo(f"{len(trainer.data.images)} images embedded in {cache} ({trainer.cache.stats()})")
+    task = SegTask(cfg, Dist(0, 1, dev), log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"{len(task.data.images)} images embedded in {cache} ({task.cache.stats()})")
 
 
 def _numbers(text: str, what: str) -> list[float]:

@@ -16,22 +16,18 @@ encoder) on nnU-Net 2D datasets: the SynthFM recipe.
   (``dice_iou``: SynthFM's mask loss with SAM's IoU head trained), or Dice + BCE + IoU MSE
   (``dice_ce``: nnU-Net's mask loss); optional gradient-norm clipping; the best of SAM's three
   outputs for ambiguous prompts; iterative refinement clicks with the previous logits fed back.
-- AdamW with linear warm-up and cosine decay; mixed precision (bf16) on CUDA; data-parallel
-  under ``torchrun --nproc_per_node N -m medfm.cli.main seg train ...`` (the batch is split
-  over the processes, gradients averaged, rank 0 writes).
-- Checkpoints ``OUT/checkpoints/step_NNNNNNN/`` (config.json, model.safetensors of the
-  trained parameters, optimizer.safetensors, state.json written last) and the final model in
-  ``OUT/model/``.
+- The loop is `medfm.engine`'s (`SegTask` is this recipe as the engine's task): AdamW with
+  linear warm-up and cosine decay, bf16 on CUDA, checkpoints in ``OUT/checkpoints/``, the final
+  model in ``OUT/model/``, and data-parallel training under ``torchrun --nproc_per_node N -m
+  medfm.cli.main seg train ...`` (the step's images are split over the processes, whose
+  ``DistributedDataParallel`` gradients together are those of one process; rank 0 writes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
-import os
-import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +38,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from safetensors.torch import load_file, save_file
+from torch import nn
 
 from medfm.devices import parse_device
+from medfm.engine import (
+    Dist,
+    Engine,
+    EngineConfig,
+    RunLock,
+    Task,
+    finished_run,
+    prepare_run_folder,
+    setup_distributed,
+    step_generator,
+)
 from medfm.errors import MedfmError
-from medfm.io import atomic_write_text, iter_dataset, read_dataset_json
+from medfm.io import iter_dataset, read_dataset_json
 from medfm.seg.decoder import decode_rows
 from medfm.seg.losses import dice_loss_only, sam_loss
 from medfm.seg.prompts import (
@@ -204,21 +211,6 @@ def coarsen_label(label: torch.Tensor, image_shape: tuple[int, int], factor: flo
     return out
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of one training step: a function of (seed, step) only."""
-    g = torch.Generator()
-    g.manual_seed((int(seed) * 1_000_003 + int(step) * 7919) & 0x7FFFFFFFFFFFFFFF)
-    return g
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def trainable_prefixes(cfg: TrainConfig) -> tuple[str, ...]:
     return (
         ("image_encoder.", "prompt_encoder.", "mask_decoder.")
@@ -311,6 +303,7 @@ def prompted_loss(
     scale: float,
     *,
     amp: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one training step (to backpropagate) and its last pass's terms (dice, focal,
     iou, averaged over all prompts).
@@ -321,6 +314,11 @@ def prompted_loss(
     prediction uses for them. Each of the ``prompt_cfg.refine_iters`` further passes adds a
     click from the error region of the previous mask and feeds its logits back (single
     output). The loss is the mean over prompts and passes.
+
+    ``rows`` (N,) bool: decode only these prompts and return their share of the mean (sums
+    over ``rows`` divided by N; `image_index` need only be right for them). The refinement
+    clicks are still drawn for all N prompts, so each prompt's click is the one it gets when
+    all are decoded (data-parallel processes each take their rows).
     """
     n = masks.shape[0]
     target = masks[:, None].float()
@@ -335,6 +333,8 @@ def prompted_loss(
         best = target.new_zeros((n, 1, LOWRES, LOWRES))
         terms = dict.fromkeys(("dice", "focal", "iou"), 0.0)
         for group, multimask in ((multi, True), (~multi, False)):
+            if rows is not None:
+                group = group & rows
             sel = torch.nonzero(group).flatten()
             if sel.numel() == 0:
                 continue
@@ -359,51 +359,97 @@ def prompted_loss(
     return total / n_iter, last
 
 
-class Trainer:
-    """One training run (see the module docstring). ``run()`` trains until cfg.steps."""
+class PromptedSam(nn.Module):
+    """SAM with one training step's loss as its ``forward``: what ``DistributedDataParallel``
+    wraps (SAM's decoder is run through `decode_rows`, not through its own forward)."""
 
-    def __init__(self, cfg: TrainConfig, *, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, sam: nn.Module, *, encode: bool) -> None:
+        super().__init__()
+        self.sam = sam
+        self.encode = encode
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        image_index: torch.Tensor,
+        masks: torch.Tensor,
+        prompts: Prompts,
+        prompt_cfg: PromptConfig,
+        loss: str,
+        generator: torch.Generator,
+        scale: float,
+        *,
+        amp: bool = False,
+        rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """inputs: (B, C, h, w) image embeddings, or (B, 3, S, S) preprocessed images when the
+        image encoder is trained (``encode``); the rest as `prompted_loss`."""
+        emb = inputs
+        if self.encode:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                emb = self.sam.image_encoder(inputs)
+        return prompted_loss(
+            self.sam, emb, image_index, masks, prompts, prompt_cfg, loss, generator, scale,
+            amp=amp, rows=rows,
+        )  # fmt: skip
+
+
+class SegTask(Task):
+    """SAM's prompt encoder and mask decoder (and with ``train_encoder`` its image encoder) as
+    the engine's task: the data, the prompts and the loss of the SynthFM recipe.
+
+    Under data-parallel training every process draws the whole step (its images, label masks
+    and prompts) from the step's generator; process r computes the loss of the prompts on
+    images r, r + world, ... and returns its share of the step's mean, so the processes
+    together compute what one process computes with the same batch.
+    """
+
+    find_unused_parameters = True  # e.g. the box embeddings in a step of clicks only
+
+    def __init__(
+        self, cfg: TrainConfig, dist: Dist, *, log: Callable[[str], None] | None = None
+    ) -> None:
         self.cfg = cfg
+        self.dist = dist
+        self.device = dist.device
         self.out = Path(cfg.out)
-        self.device = parse_device(cfg.device)
-        self.rank, self.world = init_distributed(self.device)
-        if self.world > 1 and self.device.type == "cuda":
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(self.device)
-        self.log = (log if self.rank == 0 else None) or (lambda msg: None)
+        self.log = (log if dist.main else None) or (lambda msg: None)
+        if dist.world > 1 and cfg.batch < dist.world:
+            raise MedfmError(
+                f"--batch {cfg.batch} is smaller than the {dist.world} processes: each process "
+                "needs at least one image per step"
+            )
         if cfg.checkpoint is None and not cfg.train_encoder:
             self.log(
                 f"warning: no checkpoint: {cfg.model}'s frozen image encoder has random weights "
                 "(pass --checkpoint, or --train-encoder)"
             )
         self.model = init_model(cfg).to(self.device)
-        if cfg.compile:  # TorchInductor, the image encoder only: minutes to compile
-            # Automatic dynamic shapes (static first, then only the sizes that change made
-            # symbolic): dynamic=True also makes the image sides symbolic, and torch 2.14's
-            # inductor fails on those graphs ("cannot determine truth value of Relational").
-            # The decoder runs through `decode_rows`, not its module's forward; compiled, it
-            # was slower on 2 CPU cores (5.0 against 4.4 s per ViT-B step of 2 images x 4
-            # prompts) and compiled again for each new number of prompts (~2.5 min each).
-            encoder = self.model.image_encoder
-            encoder.forward = torch.compile(encoder.forward)
+        self.module = PromptedSam(self.model, encode=cfg.train_encoder)
         self.image_size = int(self.model.image_encoder.img_size)
         self.scale = self.image_size / LOWRES
         self.data = load_training_data(cfg.data, self.image_size)
         prefixes = trainable_prefixes(cfg)
         self.names = [n for n, _ in self.model.named_parameters() if n.startswith(prefixes)]
-        params = dict(self.model.named_parameters())
-        for n, p in params.items():
+        for n, p in self.model.named_parameters():
             p.requires_grad_(n in self.names)
-        self.opt = torch.optim.AdamW(
-            [params[n] for n in self.names], lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps)
-        )
-        self.step = 0
         self.cache = None
         if not cfg.train_encoder:
             self._fill_cache()
+
+    def engine_config(self) -> EngineConfig:
+        return engine_config(self.cfg)
+
+    def compile(self) -> None:
+        # TorchInductor, the image encoder only (the decoder runs through `decode_rows`, whose
+        # graph changes with every number of prompts). Automatic dynamic shapes: dynamic=True
+        # would make the image sides symbolic too, which inductor's graphs fail on.
+        encoder = self.model.image_encoder
+        encoder.forward = torch.compile(encoder.forward)
+
+    def trained_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        params = dict(self.model.named_parameters())
+        return [(n, params[n]) for n in self.names]
 
     # ------------------------------------------------------------------ embeddings
 
@@ -448,15 +494,17 @@ class Trainer:
         todo = [im for im in self.data.images if self.cache.get_array(im) is None]
         if todo:
             self.log(f"embedding {len(todo)} images (cached for later epochs and runs)")
-        todo = todo[self.rank :: self.world]  # under DDP each process embeds its share
+        todo = todo[self.dist.rank :: self.dist.world]  # each process embeds its share
         with torch.inference_mode():
             for s in range(0, len(todo), 16):
                 self.cache.get_or_compute(todo[s : s + 16], self._encode, batch_size=8)
-        _barrier(self.world)
+        self.dist.barrier()
 
     def embeddings(
         self, idx: list[int], step: int, factors: list[float | None] | None = None
     ) -> torch.Tensor:
+        """The (B, C, h, w) embeddings of images ``idx``: from the cache (frozen encoder), or
+        computed (a trained encoder, on images shrunk by ``factors``)."""
         if self.cache is not None:
             arrays = [self.cache.get_array(self.data.images[i]) for i in idx]
             return torch.stack(
@@ -466,12 +514,12 @@ class Trainer:
 
     def lowres_factors(self, n: int, step: int) -> list[float | None]:
         """The shrink factor of each of a step's n images (None: kept), each shrunk with
-        probability ``lowres_prob``. Drawn from their own generator of (seed, step, rank): the
+        probability ``lowres_prob``. Drawn from their own generator of (seed, step): the
         prompts' stream stays as it was."""
         cfg = self.cfg
         if cfg.lowres_prob == 0:
             return [None] * n
-        g = step_generator(cfg.seed * 1009 + 7 * (self.rank + 1) + 500_009, step)
+        g = step_generator(cfg.seed * 1009 + 7 + 500_009, step)
         u = torch.rand(n, 2, generator=g, dtype=torch.float64).tolist()
         lo, hi = cfg.lowres_factor
         return [lo * (hi / lo) ** b if a < cfg.lowres_prob else None for a, b in u]
@@ -507,45 +555,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def train_step(self, step: int) -> dict[str, float]:
-        cfg = self.cfg
-        g = step_generator(cfg.seed, step)
+    def step(
+        self, net: nn.Module, step: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+        cfg, g = self.cfg, generator
         idx = torch.randint(len(self.data.images), (cfg.batch,), generator=g).tolist()
-        if self.world > 1:  # each process takes its share of the batch and its own prompts
-            idx = idx[self.rank :: self.world]
-            g = step_generator(cfg.seed * 1009 + self.rank + 1, step)
         factors = self.lowres_factors(len(idx), step)  # one draw for images and labels
         labels = self.step_labels(idx, step, factors).to(self.device)
         image_index, masks = random_label_masks(
             labels, generator=g, max_per_image=cfg.prompts_per_image, area_power=cfg.area_power
         )
         if masks.shape[0] == 0:
-            return {"loss": 0.0}
+            return None, {}
         prompts = sample_prompts(masks, cfg.prompt, input_size=LOWRES, generator=g)
+        rows = None
+        mine = list(range(len(idx)))
+        if self.dist.world > 1:  # this process's images: rank, rank + world, ...
+            rank, world = self.dist.rank, self.dist.world
+            mine = mine[rank::world]
+            rows = image_index % world == rank
+            image_index = torch.where(rows, image_index // world, 0)
         self.model.train()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._amp())
-        with autocast:
-            emb = self.embeddings(idx, step, factors)
-        loss, last = prompted_loss(
-            self.model, emb, image_index, masks, prompts, cfg.prompt, cfg.loss, g, self.scale,
-            amp=self._amp(),
-        )  # fmt: skip
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.world > 1:
-            _average_gradients(self.opt, self.world)
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in self.opt.param_groups for p in g["params"]], cfg.grad_clip
-            )
-        self.opt.step()
-        self.sched.step()
-        return {"loss": float(loss.detach()), **last, "lr": self.sched.get_last_lr()[0]}
+        idx_mine = [idx[i] for i in mine]
+        factors_mine = [factors[i] for i in mine]
+        if self.cache is not None:
+            inputs = self.embeddings(idx_mine, step, factors_mine)
+        else:
+            inputs = self._preprocess(self.augmented_images(idx_mine, step, factors_mine))
+        amp = self.cfg.amp and self.device.type == "cuda"
+        return net(inputs, image_index, masks, prompts, cfg.prompt, cfg.loss, g, self.scale,
+                   amp=amp, rows=rows)  # fmt: skip
 
-    def _amp(self) -> bool:
-        return self.cfg.amp and self.device.type == "cuda"
-
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ saved form
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         state = self.model.state_dict()
@@ -554,24 +595,12 @@ class Trainer:
             k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(prefixes)
         }
 
-    def save_checkpoint(self) -> Path:
-        ck = self.out / "checkpoints" / f"step_{self.step:07d}"
-        tmp = ck.with_name(ck.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(self.trained_state(), str(tmp / "model.safetensors"))
-        opt_tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(self.model_config(), indent=2))
-        state = {"step": self.step, "optimizer": opt_meta, "scheduler": self.sched.state_dict()}
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        shutil.rmtree(ck, ignore_errors=True)
-        os.replace(tmp, ck)
-        for p in saved_checkpoints(self.out)[: -self.cfg.keep_checkpoints]:
-            shutil.rmtree(p, ignore_errors=True)
-        return ck
+    def load_trained_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = self.model.load_state_dict(state, strict=False)
+        if missing.unexpected_keys:
+            raise MedfmError(f"checkpoint has unexpected weights {missing.unexpected_keys[:3]}")
 
-    def model_config(self) -> dict:
+    def config(self) -> dict:
         return {
             "model": self.cfg.model,
             "base_checkpoint": self.cfg.checkpoint,
@@ -579,200 +608,66 @@ class Trainer:
             "train_config": json.loads(self.cfg.model_dump_json()),
         }
 
-    def latest_checkpoint(self) -> Path | None:
-        done = saved_checkpoints(self.out)
-        return done[-1] if done else None
-
-    def resume(self) -> bool:
-        ck = self.latest_checkpoint()
-        if ck is None:
-            return False
-        state = json.loads((ck / "state.json").read_text())
-        weights = load_file(str(ck / "model.safetensors"))
-        missing = self.model.load_state_dict(weights, strict=False)
-        if missing.unexpected_keys:
-            raise MedfmError(
-                f"{ck}: checkpoint has unexpected weights {missing.unexpected_keys[:3]}"
-            )
-        tensors = load_file(str(ck / "optimizer.safetensors"))
-        self.opt.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
-        self.sched.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        self.log(f"resumed from {ck} at step {self.step}")
-        return True
-
-    # ------------------------------------------------------------------ the loop
-
-    def run(self, *, progress: Callable[[int, dict], None] | None = None) -> Path:
-        """Train from ``self.step`` to cfg.steps, then write the final model (``OUT/model``).
-        (`train` does not build a Trainer for a run that finished earlier.)"""
-        self.out.mkdir(parents=True, exist_ok=True)
-        log = self._open_metrics_log() if self.rank == 0 else None
-        try:
-            while self.step < self.cfg.steps:
-                t0 = time.perf_counter()
-                metrics = self.train_step(self.step)
-                self.step += 1
-                metrics["s_per_step"] = time.perf_counter() - t0
-                if log is not None:
-                    log.write(json.dumps({"step": self.step, **metrics}) + "\n")
-                    log.flush()
-                if progress:
-                    progress(self.step, metrics)
-                if self.rank == 0 and (
-                    self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
-                ):
-                    self.save_checkpoint()
-        finally:
-            if log is not None:
-                log.close()
-        final = self.save_final() if self.rank == 0 else self.out / "model"
-        _barrier(self.world)
-        return final
-
-    def _open_metrics_log(self):
-        """OUT/metrics.jsonl, one line per step; after a resume, the lines of the steps that are
-        trained again are dropped first (and a line cut short by a kill), so each step appears
-        once."""
-        path = self.out / "metrics.jsonl"
-
-        def kept(line: str) -> bool:
-            try:
-                return json.loads(line).get("step", 0) <= self.step
-            except (json.JSONDecodeError, AttributeError):
-                return False
-
-        if path.exists():
-            keep = [line for line in path.read_text().splitlines() if kept(line)]
-            atomic_write_text(path, "".join(line + "\n" for line in keep))
-        return path.open("a")
-
-    def save_final(self) -> Path:
+    def save_model(self, folder: Path, ema: dict[str, torch.Tensor] | None) -> Path:
         from medfm.seg.models import save_pretrained
 
-        final = self.out / "model"
-        save_pretrained(self.model, final, name=self.cfg.model, extra=self.model_config())
-        return final
+        save_pretrained(self.model, folder, name=self.cfg.model, extra=self.config())
+        return folder
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size): under ``torchrun`` (WORLD_SIZE > 1) join the process group (NCCL on
-    CUDA, gloo on the CPU); otherwise (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+def engine_config(cfg: TrainConfig) -> EngineConfig:
+    """The engine's part of a training config."""
+    return EngineConfig(
+        out=cfg.out, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        warmup=cfg.warmup, grad_clip=cfg.grad_clip, checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=cfg.keep_checkpoints, seed=cfg.seed, device=cfg.device, amp=cfg.amp,
+        compile=cfg.compile,
+    )  # fmt: skip
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _average_gradients(opt: torch.optim.Optimizer, world: int) -> None:
-    """Data-parallel training: every process ends the step with the mean gradient. (The
-    decoder is called module by module, not through forward(), so DDP's hooks would not fire;
-    the trained parameters are few, so one all-reduce per tensor is cheap.)"""
-    import torch.distributed as dist
-
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
-
-
-def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """AdamW state dict -> (tensors for safetensors, JSON-able rest)."""
-    tensors: dict[str, torch.Tensor] = {}
-    meta_state: dict[str, dict] = {}
-    for pid, st in sd["state"].items():
-        meta_state[str(pid)] = {}
-        for key, val in st.items():
-            if isinstance(val, torch.Tensor):
-                tensors[f"{pid}.{key}"] = val.detach().cpu().contiguous()
-            else:
-                meta_state[str(pid)][key] = val
-    return tensors, {"state": meta_state, "param_groups": sd["param_groups"]}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for pid, rest in meta["state"].items():
-        state[int(pid)] = dict(rest)
-    for name, val in tensors.items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = val
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def saved_checkpoints(out: Path) -> list[Path]:
-    """OUT/checkpoints/step_NNNNNNN folders written whole (not ``.partial``), oldest first."""
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step_")
-                  and not p.name.endswith(".partial") and (p / "state.json").exists())  # fmt: skip
-
-
-def finished_model(out: Path, steps: int) -> Path | None:
-    """OUT/model when the run wrote its final model and its last checkpoint is at ``steps``
-    (a finished run: resuming it keeps the model as it is, with what was added to its
-    config.json since, e.g. `medfm.seg.calibrate`'s thresholds), else None."""
-    final = Path(out) / "model"
-    done = saved_checkpoints(Path(out))
-    if not (final / "config.json").is_file() or not done:
-        return None
-    return final if json.loads((done[-1] / "state.json").read_text())["step"] >= steps else None
+def make_engine(
+    cfg: TrainConfig, *, dist: Dist | None = None, log: Callable[[str], None] | None = None
+) -> Engine:
+    """The engine of one training run: its `SegTask` built (data loaded, embeddings cached)."""
+    dist = dist or setup_distributed(parse_device(cfg.device))
+    return Engine(SegTask(cfg, dist, log=log), engine_config(cfg), dist=dist, log=log)
 
 
 def prepare_run(cfg: TrainConfig, *, resume: bool) -> None:
-    """Create OUT, or check that an existing OUT with checkpoints was made by the same config.
-    A folder whose run never reached a checkpoint (a start that failed, or was killed early) has
-    nothing to keep: it takes the new config."""
-    out = Path(cfg.out)
-    saved = out / "train_config.json"
-    text = cfg.model_dump_json(indent=2)
-    if saved.exists() and saved_checkpoints(out):
-        old = TrainConfig.model_validate_json(saved.read_text())
-        if old != cfg:
-            diff = [f for f in TrainConfig.model_fields if getattr(old, f) != getattr(cfg, f)]
-            raise MedfmError(
-                f"{out} holds a run with other settings ({', '.join(diff)}); use a new --out"
-            )
-        if not resume:
-            raise MedfmError(f"{out} already holds a run; pass --resume to continue it")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, text)
+    """Create OUT, or check that an existing OUT with checkpoints was made by the same config
+    (`medfm.engine.prepare_run_folder`: the folder's own path is not compared)."""
+    prepare_run_folder(cfg.out, cfg, resume=resume)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, log=None, progress=None) -> Path:
-    """Train (or resume) a run; returns the final model folder."""
-    prepare_run(cfg, resume=resume)
-    if resume and (done := finished_model(Path(cfg.out), cfg.steps)) is not None:
-        if log is not None:  # nothing to train: no need to load the data or build the model
-            log(f"{cfg.out} finished training earlier; its model is {done}")
-        return done
-    trainer = Trainer(cfg, log=log)
-    if resume:
-        trainer.resume()
-    return trainer.run(progress=progress)
+    """Train (or resume) a run; returns the final model folder. The run folder is locked for
+    the run (rank 0 holds the lock under torchrun)."""
+    dist = setup_distributed(parse_device(cfg.device))
+    with RunLock(cfg.out, log=log) if dist.main else contextlib.nullcontext():
+        if dist.main:
+            prepare_run(cfg, resume=resume)
+        dist.barrier()
+        if resume and (done := finished_run(cfg.out, cfg.steps)) is not None:
+            if log is not None and dist.main:  # nothing to train: no data loaded, no model built
+                log(f"{cfg.out} finished training earlier; its model is {done}")
+            return done
+        engine = make_engine(cfg, dist=dist, log=log)
+        if resume:
+            engine.resume()
+        return engine.run(progress=progress)
 
 
 __all__ = [
+    "LOSSES",
+    "PromptedSam",
+    "SegTask",
     "TrainConfig",
-    "Trainer",
     "coarsen_label",
     "decode",
+    "engine_config",
     "lowres_label",
-    "lr_factor",
-    "saved_checkpoints",
+    "make_engine",
+    "prepare_run",
+    "prompted_loss",
     "train",
 ]

@@ -8,18 +8,17 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from medfm.engine import lr_factor, saved_checkpoints
 from medfm.errors import MedfmError
 from medfm.seg.losses import dice_loss_only, sam_loss
 from medfm.seg.prompts import PromptConfig, resize_boxes, resize_points
 from medfm.seg.train import (
     LOSSES,
     TrainConfig,
-    Trainer,
     coarsen_label,
     lowres_label,
-    lr_factor,
+    make_engine,
     prepare_run,
-    saved_checkpoints,
     simulate_low_resolution,
     train,
 )
@@ -146,25 +145,34 @@ def test_3d_data_is_refused(tmp_path):
         train(_cfg(out, tmp_path / "r3"))
 
 
-@pytest.mark.slow
-def test_torchrun_data_parallel_on_cpu(synth, tmp_path):
-    """Two processes (gloo): the run completes, rank 0 writes checkpoints and the model."""
-    import os
-    import subprocess
-    import sys
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_torchrun_data_parallel_on_cpu_trains_as_one_process(synth, tmp_path):
+    """Two processes (gloo, DistributedDataParallel) give the loss curve of one process with
+    the same global batch; rank 0 alone writes checkpoints and the model."""
+    from tests.engine.test_distributed import torchrun
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "-m", "medfm.cli.main", "seg", "train", "--data", str(synth), "--out",
-           str(tmp_path / "ddp"), "--steps", "2", "--batch", "2", "--prompts-per-image", "1",
-           "--refine-iters", "0", "--checkpoint-every", "1"]  # fmt: skip
-    r = subprocess.run(
-        cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")
-    )
+    r = torchrun(2, "-m", "medfm.cli.main", "seg", "train", "--data", str(synth), "--out",
+                 str(tmp_path / "ddp"), "--steps", "2", "--batch", "2", "--prompts-per-image",
+                 "2", "--refine-iters", "1", "--checkpoint-every", "1", "--lr", "1e-3")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("model saved") == 1
     assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == [
         "step_0000001", "step_0000002"]  # fmt: skip
+    one = TrainConfig(model="medfm-tiny", data=(str(synth),), out=str(tmp_path / "one"), steps=2,
+                      batch=2, prompts_per_image=2, checkpoint_every=1, lr=1e-3,
+                      prompt=PromptConfig(refine_iters=1))  # fmt: skip
+    train(one)
+    logs = {
+        run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
+        for run in ("ddp", "one")
+    }
+    for key in ("loss", "dice", "focal", "iou"):
+        assert [m[key] for m in logs["ddp"]] == pytest.approx([m[key] for m in logs["one"]],
+                                                              rel=1e-4, abs=1e-6)  # fmt: skip
+    a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
 
 
 def test_dice_iou_loss_is_dice_plus_the_iou_head_mse():
@@ -204,11 +212,9 @@ def test_training_from_scratch_ignores_the_bundled_weights(synth, tmp_path, monk
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_grad_clip_bounds_the_gradient_norm_the_optimizer_sees(synth, tmp_path):
-    from medfm.seg.train import Trainer
-
     norms = {}
     for clip in (None, 1e-3):
-        trainer = Trainer(_cfg(synth, tmp_path / str(clip), grad_clip=clip, loss="dice_ce"))
+        trainer = make_engine(_cfg(synth, tmp_path / str(clip), grad_clip=clip, loss="dice_ce"))
         step = trainer.opt.step
 
         def record(*a, _t=trainer, _step=step, _clip=clip, **k):
@@ -225,12 +231,10 @@ def test_grad_clip_bounds_the_gradient_norm_the_optimizer_sees(synth, tmp_path):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_logged_terms_average_over_single_and_multimask_prompts(synth, tmp_path):
-    from medfm.seg.train import Trainer
-
     prompt = PromptConfig(refine_iters=0, box_prob=0.5, n_pos=(1, 2), n_neg=(0, 0))
     cfg = _cfg(synth, tmp_path / "run", loss="dice_iou", batch=2, prompts_per_image=4,
                prompt=prompt)  # fmt: skip
-    trainer = Trainer(cfg)
+    trainer = make_engine(cfg)
     for step in range(4):  # Dice + IoU MSE: the logged terms add up to the step's loss
         m = trainer.train_step(step)
         assert m["dice"] + m["iou"] == pytest.approx(m["loss"], rel=1e-5)
@@ -277,7 +281,7 @@ def test_low_resolution_needs_a_trained_encoder_and_factors_of_at_least_one(synt
 def test_low_resolution_images_are_drawn_per_step(synth, tmp_path):
     """lowres_prob = 1 shrinks every image by 1.5..6x, the same way for the same step (so a
     resumed run sees the same images); lowres_prob = 0 gives the stored images."""
-    t = Trainer(_cfg(synth, tmp_path / "a", train_encoder=True, lowres_prob=1.0))
+    t = make_engine(_cfg(synth, tmp_path / "a", train_encoder=True, lowres_prob=1.0)).task
     stored = t.data.images[0].copy()
     sides = []
     for step in range(6):
@@ -287,7 +291,7 @@ def test_low_resolution_images_are_drawn_per_step(synth, tmp_path):
         assert 64 / 6 - 1 <= im.shape[1] <= 64 / 1.5 + 1 and im.shape[2] == 3
         sides.append(im.shape[1])
     assert len(set(sides)) > 1
-    plain = Trainer(_cfg(synth, tmp_path / "b", train_encoder=True))
+    plain = make_engine(_cfg(synth, tmp_path / "b", train_encoder=True)).task
     assert plain.augmented_images([0], 3)[0] is plain.data.images[0]
     assert np.array_equal(t.data.images[0], stored)  # the stored images are left as they were
 
@@ -312,9 +316,9 @@ def test_low_resolution_labels_follow_their_images(synth, tmp_path):
     same step; images kept whole keep their labels; off, the stored labels."""
     with pytest.raises(ValidationError, match="lowres_prob"):
         _cfg(synth, tmp_path, train_encoder=True, lowres_labels=True)
-    t = Trainer(
+    t = make_engine(
         _cfg(synth, tmp_path / "a", train_encoder=True, lowres_prob=0.5, lowres_labels=True)
-    )
+    ).task
     stored = t.data.lowres_labels.clone()
     changed = kept = 0
     for step in range(8):
@@ -331,7 +335,7 @@ def test_low_resolution_labels_follow_their_images(synth, tmp_path):
                 assert torch.equal(labels[row], want)
     assert changed and kept
     assert torch.equal(t.data.lowres_labels, stored)  # the stored maps are left as they were
-    plain = Trainer(_cfg(synth, tmp_path / "b", train_encoder=True, lowres_prob=0.5))
+    plain = make_engine(_cfg(synth, tmp_path / "b", train_encoder=True, lowres_prob=0.5)).task
     assert torch.equal(plain.step_labels([0, 0], 3), plain.data.lowres_labels[[0, 0]])
 
 
@@ -449,15 +453,15 @@ def test_cuda_bf16_training_step_matches_the_cpu_step(synth, tmp_path):
     # the same step (same images, prompts and initial weights) on CUDA under bf16 autocast and
     # on the CPU in float32: the losses agree to bf16 precision, and so do the gradients
     kw = dict(train_encoder=True, steps=1, batch=2, prompts_per_image=2, loss="dice_ce")
-    cpu = Trainer(_cfg(synth, tmp_path / "cpu", **kw))
-    gpu = Trainer(_cfg(synth, tmp_path / "gpu", device="cuda", **kw))
-    assert gpu._amp() and not cpu._amp()
+    cpu = make_engine(_cfg(synth, tmp_path / "cpu", **kw))
+    gpu = make_engine(_cfg(synth, tmp_path / "gpu", device="cuda", **kw))
+    assert gpu.amp and not cpu.amp
     m_cpu, m_gpu = cpu.train_step(0), gpu.train_step(0)
     assert np.isfinite(m_gpu["loss"])
     assert m_gpu["loss"] == pytest.approx(m_cpu["loss"], rel=0.03)
-    grads = dict(cpu.model.named_parameters())
+    grads = dict(cpu.task.model.named_parameters())
     for prefix in ("image_encoder.", "mask_decoder."):
-        pairs = [(grads[k].grad, p.grad.cpu()) for k, p in gpu.model.named_parameters()
+        pairs = [(grads[k].grad, p.grad.cpu()) for k, p in gpu.task.model.named_parameters()
                  if k.startswith(prefix) and p.grad is not None]  # fmt: skip
         a = torch.cat([x.flatten() for x, _ in pairs])
         b = torch.cat([y.flatten() for _, y in pairs])
@@ -474,11 +478,11 @@ def test_the_embedding_cache_key_follows_the_encoder_weights(synth, tmp_path):
     folder = tmp_path / "weights"
     save_pretrained(randomize_(build_medfm_tiny(), seed=1), folder, name="medfm-tiny")
     cfg = _cfg(synth, tmp_path / "run", checkpoint=str(folder), keep_decoder=True)
-    first = Trainer(cfg)
-    assert Trainer(cfg).model_id() == first.model_id()  # the same weights: cache hits
+    first = make_engine(cfg).task
+    assert make_engine(cfg).task.model_id() == first.model_id()  # the same weights: cache hits
     # new weights at the same path (a folder's size never changes): new key, new embeddings
     save_pretrained(randomize_(build_medfm_tiny(), seed=2), folder, name="medfm-tiny")
-    second = Trainer(cfg)
+    second = make_engine(cfg).task
     assert second.model_id() != first.model_id()
     new = second.embeddings(list(range(len(second.data.images))), step=0)
     with torch.no_grad():
@@ -489,7 +493,7 @@ def test_the_embedding_cache_key_follows_the_encoder_weights(synth, tmp_path):
     with torch.no_grad():
         model.mask_decoder.iou_token.weight.add_(1.0)
     save_pretrained(model, folder, name="medfm-tiny")
-    assert Trainer(cfg).model_id() == second.model_id()
+    assert make_engine(cfg).task.model_id() == second.model_id()
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -508,10 +512,10 @@ def test_resuming_a_finished_run_keeps_its_model_and_calibration(synth, tmp_path
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_frozen_random_encoder_is_warned_of(synth, tmp_path):
     logs = []
-    Trainer(_cfg(synth, tmp_path / "a"), log=logs.append)
+    make_engine(_cfg(synth, tmp_path / "a"), log=logs.append)
     assert any("frozen image encoder has random weights" in m for m in logs)
     logs.clear()
-    Trainer(_cfg(synth, tmp_path / "b", train_encoder=True), log=logs.append)
+    make_engine(_cfg(synth, tmp_path / "b", train_encoder=True), log=logs.append)
     assert not any("random weights" in m for m in logs)
 
 
@@ -527,3 +531,55 @@ def test_lowres_label_stays_centred_like_the_image(image_size):
     assert float(rows.float().mean()) == pytest.approx(127.5, abs=tol + 1e-6)
     assert float(cols.float().mean()) == pytest.approx(127.5, abs=tol + 1e-6)
     assert low.sum() == pytest.approx(20 * 40 * 2.56**2, rel=0.05)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_run_resumes_by_a_relative_path_and_after_its_folder_was_moved(
+    synth, tmp_path, monkeypatch
+):
+    train(_cfg(synth, tmp_path / "full"))
+
+    def kill_at_3(step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(synth, "runs/a"), progress=kill_at_3)  # started by a relative path
+    (tmp_path / "runs" / "a").rename(tmp_path / "moved")
+    with pytest.raises(MedfmError, match="--resume"):  # still the same run, not a new one
+        train(_cfg(synth, tmp_path / "moved"))
+    train(_cfg(synth, tmp_path / "moved"), resume=True)  # resumed by an absolute path
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "moved")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    saved = TrainConfig.model_validate_json((tmp_path / "moved" / "train_config.json").read_text())
+    assert saved.out == str(tmp_path / "moved")
+
+
+def test_a_second_training_on_the_same_folder_is_refused_naming_the_holder(synth, tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from medfm.engine import RunLock\n"
+         "with RunLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(run)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = subprocess.run(
+            [sys.executable, "-m", "medfm.cli.main", "seg", "train", "--data", str(synth),
+             "--out", str(run), "--steps", "1"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: {run} is in use by pid {holder.pid} on {__import__('socket').gethostname()}; "
+        "wait for it to finish or use another --out"
+    ]
+    assert not (run / "train_config.json").exists()  # nothing written for the refused run
