@@ -4,10 +4,9 @@ Each 4x4 block of output is computed from a 6x6 tile of input with 36 multiplica
 input-output channel pair instead of 144: the tiles and the 3x3 kernels are taken to a 6x6
 "Winograd domain" (``B^T d B`` and ``G g G^T``), multiplied there (one batched matrix product
 over the 36 positions) and taken back (``A^T m A``). For the many-channel convolutions of a
-CNN neck this needs ~2.5x fewer operations than direct convolution; on a 2-core AVX2 CPU a
-128 -> 256 channel conv at 64 x 64 takes ~13.5 ms against oneDNN's ~18.7 ms (medians of 100,
-interleaved). Float32 rounding
-errors are ~1e-5 of the output's magnitude (the transform constants are small).
+CNN neck this needs ~2.5x fewer operations than direct convolution (measured against oneDNN's
+convolution in docs/benchmarks.md). Float32 rounding errors are ~1e-5 of the output's magnitude
+(the transform constants are small).
 
 Stride 1, zero padding 1, dilation 1, any H and W (padded up to a multiple of 4 internally).
 Batch-first and device-agnostic; the kernels are transformed once with `winograd_weights`.
@@ -80,11 +79,9 @@ def winograd_conv3x3(
     Tiles are kept tile-major, (tiles, 36, C), so that both transforms are batched 36 x 36 and
     16 x 36 products over each tile's channels and the 36 per-position products read their
     matrices in place (strided); with H and W multiples of 4, ``add`` is summed in the same
-    pass that puts the 4 x 4 output blocks back in image order. On 2 AVX2 cores, at 128 -> 256
-    channels and 64 x 64, this layout took ~13.5 ms against ~16 ms for position-major tiles
-    transformed by one (36 x 36) @ (36 x tiles*C) product, a long thin shape that BLAS runs
-    slowly. (Transforming each tile's rows and columns separately, 6x fewer multiplications,
-    was no faster: products with 6 terms are bound by memory.)
+    pass that puts the 4 x 4 output blocks back in image order. (Position-major tiles would
+    need one (36 x 36) @ (36 x tiles*C) product, a long thin shape that BLAS runs slowly;
+    docs/benchmarks.md has the timings of both layouts.)
     """
     b, c, h, w = x.shape
     if weights.ndim != 3 or weights.shape[:2] != (36, c):
