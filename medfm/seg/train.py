@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from medfm.devices import parse_device
@@ -80,32 +80,23 @@ LOSSES: dict[str, Callable] = {
 }
 
 
-class TrainConfig(BaseModel):
-    """Everything a training run needs; saved as OUT/train_config.json and checked on resume."""
+class TrainConfig(EngineConfig):
+    """Everything a training run needs: the engine's settings (`EngineConfig`: steps, lr,
+    warmup, clipping, checkpoints, seed, device, ...) and SAM's; saved as
+    OUT/train_config.json and checked on resume."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = "medfm-tiny"
     checkpoint: str | None = None
     data: tuple[str, ...]
-    out: str
     steps: int = Field(2000, ge=1)
     batch: int = Field(8, ge=1)
     prompts_per_image: int = Field(4, ge=1)
     area_power: float = Field(0.0, ge=0.0)
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup: int = Field(100, ge=0)
     loss: Literal["sam", "dice", "dice_iou", "dice_ce"] = "sam"
-    grad_clip: float | None = Field(None, gt=0)
     train_encoder: bool = False
     keep_decoder: bool = False
-    checkpoint_every: int = Field(500, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    seed: int = 0
-    device: str = "cpu"
-    amp: bool = True
-    compile: bool = False
     cache: str | None = None
     prompt: PromptConfig = PromptConfig()
     lowres_prob: float = Field(0.0, ge=0.0, le=1.0)
@@ -369,29 +360,16 @@ class PromptedSam(nn.Module):
         self.encode = encode
 
     def forward(
-        self,
-        inputs: torch.Tensor,
-        image_index: torch.Tensor,
-        masks: torch.Tensor,
-        prompts: Prompts,
-        prompt_cfg: PromptConfig,
-        loss: str,
-        generator: torch.Generator,
-        scale: float,
-        *,
-        amp: bool = False,
-        rows: torch.Tensor | None = None,
+        self, inputs: torch.Tensor, *args, amp: bool = False, **kwargs
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """inputs: (B, C, h, w) image embeddings, or (B, 3, S, S) preprocessed images when the
-        image encoder is trained (``encode``); the rest as `prompted_loss`."""
+        image encoder is trained (``encode``); the other arguments are `prompted_loss`'s after
+        its embeddings."""
         emb = inputs
         if self.encode:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 emb = self.sam.image_encoder(inputs)
-        return prompted_loss(
-            self.sam, emb, image_index, masks, prompts, prompt_cfg, loss, generator, scale,
-            amp=amp, rows=rows,
-        )  # fmt: skip
+        return prompted_loss(self.sam, emb, *args, amp=amp, **kwargs)
 
 
 class SegTask(Task):
@@ -609,20 +587,18 @@ class SegTask(Task):
         }
 
     def save_model(self, folder: Path, ema: dict[str, torch.Tensor] | None) -> Path:
+        """The final model (with ``ema_decay``, its trained weights are the EMA weights)."""
         from medfm.seg.models import save_pretrained
 
+        if ema is not None:
+            self.model.load_state_dict(ema, strict=False)
         save_pretrained(self.model, folder, name=self.cfg.model, extra=self.config())
         return folder
 
 
 def engine_config(cfg: TrainConfig) -> EngineConfig:
     """The engine's part of a training config."""
-    return EngineConfig(
-        out=cfg.out, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        warmup=cfg.warmup, grad_clip=cfg.grad_clip, checkpoint_every=cfg.checkpoint_every,
-        keep_checkpoints=cfg.keep_checkpoints, seed=cfg.seed, device=cfg.device, amp=cfg.amp,
-        compile=cfg.compile,
-    )  # fmt: skip
+    return EngineConfig(**{name: getattr(cfg, name) for name in EngineConfig.model_fields})
 
 
 def make_engine(
