@@ -18,6 +18,7 @@ from medfm.cli._common import (
     SeedOption,
     ThresholdOption,
     user_errors,
+    validation_message,
 )
 from medfm.errors import MedfmError
 
@@ -251,17 +252,22 @@ def seg_embed(
     device: DeviceOption = "cpu",
 ) -> None:
     """Compute each image's embedding once into the cache (fp16, memory-mapped): what
-    what medfm seg train --cache then reads instead of encoding."""
+    medfm seg train --cache then reads instead of encoding."""
+    from pydantic import ValidationError
+
     from medfm.devices import parse_device
     from medfm.seg.cache import EmbeddingCache
     from medfm.seg.embed import encode_images, encoder_id
     from medfm.seg.train import TrainConfig, init_model, load_training_data
 
     dev = parse_device(device)
-    cfg = TrainConfig(
-        model=model, checkpoint=checkpoint, data=tuple(str(d) for d in data),
-        out=str(cache / ".embed"), cache=str(cache), device=device,
-    )  # fmt: skip
+    try:  # the model and images exactly as training builds them (out: nothing is written there)
+        cfg = TrainConfig(
+            model=model, checkpoint=checkpoint, data=tuple(str(d) for d in data),
+            out=str(cache / ".embed"), cache=str(cache), device=device,
+        )  # fmt: skip
+    except ValidationError as e:
+        raise MedfmError(validation_message(e, as_option=True)) from None
     if checkpoint is None:
         typer.echo(f"warning: no checkpoint: {model}'s image encoder has random weights", err=True)
     sam = init_model(cfg).to(dev)
