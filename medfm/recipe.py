@@ -3,11 +3,15 @@ evaluation), validated by pydantic and run in order by ``medfm run RECIPE``. Eve
 running a recipe again after a kill continues where it stopped. Relative paths are relative to
 the working directory.
 
+A step is a mapping with one key, its kind. The kinds are a registry (`STEP_KINDS`, filled by
+`register_step`): each has the pydantic model of its arguments and the function that runs it,
+so a model family adds its steps without touching `run_recipe`.
+
     name: medfm-tiny
     steps:
       - synth: {out: runs/tiny/synth, modalities: [ct, mri, us], dim: 2, n: 6000, size: 256}
       - train: {model: medfm-tiny, data: [runs/tiny/synth], out: runs/tiny/train, steps: 20000}
-      - evaluate: {model: runs/tiny/train/model, data: ../shared/data/us_hc18, prompt: point,
+      - evaluate: {model: runs/tiny/train/model, data: data/us_hc18, prompt: point,
                    out: runs/tiny/eval_us_hc18_point.json}
 """
 
@@ -16,13 +20,23 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SerializeAsAny,
+    ValidationError,
+    create_model,
+)
 
 from medfm import __version__
+from medfm.cli._common import validation_message
 from medfm.errors import MedfmError
 from medfm.seg.models import (
     BUNDLED_DIR,
@@ -53,6 +67,8 @@ class SynthArgs(BaseModel):
 
 
 class MonaiShapesArgs(BaseModel):
+    """MONAI's create_test_image_2d discs as a dataset (the physics ablation)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     out: str
@@ -106,55 +122,76 @@ class AverageArgs(BaseModel):
     out: str
 
 
-class SynthStep(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    synth: SynthArgs
+# ------------------------------------------------------------------ the step registry
 
 
-class MonaiShapesStep(BaseModel):
-    """MONAI's create_test_image_2d discs as a dataset (the physics ablation)."""
+@dataclass(frozen=True)
+class StepContext:
+    """What a step's runner gets beside its arguments: its place in the recipe, the log and
+    the progress callback given to `run_recipe`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    monai_shapes: MonaiShapesArgs
+    index: int
+    total: int
+    log: Callable[[str], None]
+    progress: Callable | None = None
 
+    def header(self, text: str) -> None:
+        """The step's first line: ``[i/n] text``."""
+        self.log(f"[{self.index}/{self.total}] {text}")
 
-class TrainStep(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    train: TrainConfig
-
-
-class EvaluateStep(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    evaluate: EvaluateArgs
-
-
-class CalibrateStep(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    calibrate: CalibrateArgs
+    def note(self, text: str) -> None:
+        """A line about the step, indented under its header."""
+        self.log(f"    {text}")
 
 
-class AverageStep(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    average: AverageArgs
+@dataclass(frozen=True)
+class StepKind:
+    """A kind of recipe step: the model of its arguments, the model of the step (a mapping
+    ``{kind: args}``) and ``run(args, context)``."""
+
+    args: type[BaseModel]
+    step: type[BaseModel]
+    run: Callable[[Any, StepContext], None]
 
 
-def _step_kind(value) -> str | None:
-    """A step is a mapping with one key naming its kind: pick the model by that key."""
-    if isinstance(value, dict):
-        return next(iter(value), None)
-    return next((k for k in STEP_KINDS if hasattr(value, k)), None)
+STEP_KINDS: dict[str, StepKind] = {}
+"""kind -> StepKind, in the order the kinds were registered."""
 
 
-STEP_KINDS = ("synth", "monai_shapes", "train", "average", "calibrate", "evaluate")
-Step = Annotated[
-    Annotated[SynthStep, Tag("synth")]
-    | Annotated[MonaiShapesStep, Tag("monai_shapes")]
-    | Annotated[TrainStep, Tag("train")]
-    | Annotated[AverageStep, Tag("average")]
-    | Annotated[CalibrateStep, Tag("calibrate")]
-    | Annotated[EvaluateStep, Tag("evaluate")],
-    Discriminator(_step_kind),
-]
+def register_step(
+    kind: str, args: type[BaseModel], run: Callable[[Any, StepContext], None]
+) -> type[BaseModel]:
+    """Add the step kind ``kind`` (arguments validated by ``args``, run by ``run(args,
+    context)``) and return its step model, whose one field ``kind`` holds the arguments."""
+    if kind in STEP_KINDS:
+        raise ValueError(f"recipe step kind {kind!r} is registered already")
+    name = "".join(part.title() for part in kind.split("_")) + "Step"
+    step = create_model(
+        name,
+        __config__=ConfigDict(extra="forbid", frozen=True),
+        __doc__=f"A recipe step ``{kind}: {{...}}`` holding `{args.__name__}`.",
+        __module__=__name__,
+        **{kind: (args, ...)},
+    )
+    STEP_KINDS[kind] = StepKind(args=args, step=step, run=run)
+    return step
+
+
+def step_kind(step: BaseModel) -> str:
+    """The kind of a validated step (the name of its one field)."""
+    return next(iter(type(step).model_fields))
+
+
+def _validate_step(value: Any) -> BaseModel:
+    """A step is a mapping with one key naming its kind: validate it by that kind's model."""
+    if isinstance(value, BaseModel) and any(type(value) is k.step for k in STEP_KINDS.values()):
+        return value
+    kind = next(iter(value), None) if isinstance(value, dict) else None
+    if kind not in STEP_KINDS:
+        raise ValueError(
+            f"a step is one of {', '.join(STEP_KINDS)} with its arguments, got {value!r}"
+        )
+    return STEP_KINDS[kind].step.model_validate(value)
 
 
 class Recipe(BaseModel):
@@ -162,7 +199,7 @@ class Recipe(BaseModel):
 
     name: str
     description: str = ""
-    steps: list[Step]
+    steps: list[Annotated[SerializeAsAny[BaseModel], PlainValidator(_validate_step)]]
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -176,9 +213,7 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise MedfmError(f"recipe {path}: {where}: {err['msg']}") from None
+        raise MedfmError(f"recipe {path}: {validation_message(e)}") from None
 
 
 # ------------------------------------------------------------------ steps already done
@@ -269,78 +304,97 @@ def _calibrated(a: CalibrateArgs) -> tuple[str, bool]:
     )
 
 
+# ------------------------------------------------------------------ running
+
+
 def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=None) -> None:
     """Run every step in order (each one resumes where a previous run stopped; a calibrate or
     evaluate step whose output was made from the same inputs, `_fingerprint`, is skipped)."""
+    total = len(recipe.steps)
     for i, step in enumerate(recipe.steps, 1):
-        if isinstance(step, SynthStep):
-            from medfm.synth.dataset import generate_dataset
+        kind = step_kind(step)
+        STEP_KINDS[kind].run(getattr(step, kind), StepContext(i, total, log, progress))
 
-            a = step.synth
-            log(f"[{i}/{len(recipe.steps)}] synth -> {a.out}")
-            size = a.size if isinstance(a.size, int) else ",".join(map(str, a.size))
-            rep = generate_dataset(
-                a.out, modalities=a.modalities, dim=a.dim, n=a.n, size=size, seed=a.seed,
-                device=a.device, batch=a.batch, workers=a.workers, preview=a.preview,
-                config=a.config,
-            )  # fmt: skip
-            log(f"    {rep.written} cases written, {rep.skipped} already there")
-        elif isinstance(step, MonaiShapesStep):
-            from medfm.synth.monai_shapes import generate_monai_shapes
 
-            a = step.monai_shapes
-            log(f"[{i}/{len(recipe.steps)}] monai_shapes -> {a.out}")
-            written = generate_monai_shapes(a.out, n=a.n, size=a.size, seed=a.seed)
-            log(f"    {written} cases written")
-        elif isinstance(step, TrainStep):
-            from medfm.seg.train import train
+def _run_synth(a: SynthArgs, ctx: StepContext) -> None:
+    from medfm.synth.dataset import generate_dataset
 
-            cfg = step.train
-            log(f"[{i}/{len(recipe.steps)}] train {cfg.model} -> {cfg.out}")
-            resume = (Path(cfg.out) / "train_config.json").exists()
-            final = train(cfg, resume=resume, log=lambda m: log(f"    {m}"), progress=progress)
-            log(f"    model in {final}")
-        elif isinstance(step, AverageStep):
-            from medfm.seg.average import average_models
+    ctx.header(f"synth -> {a.out}")
+    size = a.size if isinstance(a.size, int) else ",".join(map(str, a.size))
+    rep = generate_dataset(
+        a.out, modalities=a.modalities, dim=a.dim, n=a.n, size=size, seed=a.seed,
+        device=a.device, batch=a.batch, workers=a.workers, preview=a.preview, config=a.config,
+    )  # fmt: skip
+    ctx.note(f"{rep.written} cases written, {rep.skipped} already there")
 
-            a = step.average
-            log(f"[{i}/{len(recipe.steps)}] average {', '.join(a.models)} -> {a.out}")
-            average_models(a.models, a.out)
-        elif isinstance(step, CalibrateStep):
-            from medfm.seg.calibrate import DEFAULT_GRID, calibrate
 
-            a = step.calibrate
-            log(f"[{i}/{len(recipe.steps)}] calibrate {a.model} on {', '.join(a.data)}")
-            fingerprint, done = _calibrated(a)
-            if done:
-                log("    calibrated from the same model and data already, skipped")
-                continue
-            grid = DEFAULT_GRID if a.grid is None else a.grid
-            calibrate(
-                a.model, a.data, a.prompts, grid, device=a.device, log=lambda m: log(f"    {m}"),
-                box_crop=a.box_crop, fingerprint=fingerprint,
-            )  # fmt: skip
-        else:
-            from medfm.seg.evaluate import check_overlays, evaluate, load_predictor, write_report
+def _run_monai_shapes(a: MonaiShapesArgs, ctx: StepContext) -> None:
+    from medfm.synth.monai_shapes import generate_monai_shapes
 
-            a = step.evaluate
-            if not Path(a.data).is_dir():
-                if a.skip_missing:
-                    log(f"[{i}/{len(recipe.steps)}] evaluate: {a.data} is absent, skipped")
-                    continue
-                raise MedfmError(f"evaluation data {a.data} not found")
-            log(f"[{i}/{len(recipe.steps)}] evaluate {a.model} on {a.data} ({a.prompt})")
-            fingerprint, done = _evaluated(a)
-            if done:
-                log(f"    {a.out} was made from the same model and data, skipped")
-                continue
-            check_overlays(a.overlays)
-            predictor = load_predictor(
-                a.model, a.checkpoint, device=a.device, mirror=a.mirror,
-                mask_threshold=a.mask_threshold, box_crop=a.box_crop,
-            )  # fmt: skip
-            report = evaluate(
-                predictor, a.data, a.prompt, overlays=Path(a.overlays) if a.overlays else None
-            )
-            write_report({**report, FINGERPRINT_KEY: fingerprint}, a.out)
-            log(f"    mean Dice {report['mean_dice']:.3f}, NSD {report['mean_nsd']:.3f} -> {a.out}")
+    ctx.header(f"monai_shapes -> {a.out}")
+    written = generate_monai_shapes(a.out, n=a.n, size=a.size, seed=a.seed)
+    ctx.note(f"{written} cases written")
+
+
+def _run_train(cfg: TrainConfig, ctx: StepContext) -> None:
+    from medfm.seg.train import train
+
+    ctx.header(f"train {cfg.model} -> {cfg.out}")
+    resume = (Path(cfg.out) / "train_config.json").exists()
+    final = train(cfg, resume=resume, log=ctx.note, progress=ctx.progress)
+    ctx.note(f"model in {final}")
+
+
+def _run_average(a: AverageArgs, ctx: StepContext) -> None:
+    from medfm.seg.average import average_models
+
+    ctx.header(f"average {', '.join(a.models)} -> {a.out}")
+    average_models(a.models, a.out)
+
+
+def _run_calibrate(a: CalibrateArgs, ctx: StepContext) -> None:
+    from medfm.seg.calibrate import DEFAULT_GRID, calibrate
+
+    ctx.header(f"calibrate {a.model} on {', '.join(a.data)}")
+    fingerprint, done = _calibrated(a)
+    if done:
+        ctx.note("calibrated from the same model and data already, skipped")
+        return
+    grid = DEFAULT_GRID if a.grid is None else a.grid
+    calibrate(
+        a.model, a.data, a.prompts, grid, device=a.device, log=ctx.note, box_crop=a.box_crop,
+        fingerprint=fingerprint,
+    )  # fmt: skip
+
+
+def _run_evaluate(a: EvaluateArgs, ctx: StepContext) -> None:
+    from medfm.seg.evaluate import check_overlays, evaluate, load_predictor, write_report
+
+    if not Path(a.data).is_dir():
+        if a.skip_missing:
+            ctx.header(f"evaluate: {a.data} is absent, skipped")
+            return
+        raise MedfmError(f"evaluation data {a.data} not found")
+    ctx.header(f"evaluate {a.model} on {a.data} ({a.prompt})")
+    fingerprint, done = _evaluated(a)
+    if done:
+        ctx.note(f"{a.out} was made from the same model and data, skipped")
+        return
+    check_overlays(a.overlays)
+    predictor = load_predictor(
+        a.model, a.checkpoint, device=a.device, mirror=a.mirror,
+        mask_threshold=a.mask_threshold, box_crop=a.box_crop,
+    )  # fmt: skip
+    report = evaluate(
+        predictor, a.data, a.prompt, overlays=Path(a.overlays) if a.overlays else None
+    )
+    write_report({**report, FINGERPRINT_KEY: fingerprint}, a.out)
+    ctx.note(f"mean Dice {report['mean_dice']:.3f}, NSD {report['mean_nsd']:.3f} -> {a.out}")
+
+
+SynthStep = register_step("synth", SynthArgs, _run_synth)
+MonaiShapesStep = register_step("monai_shapes", MonaiShapesArgs, _run_monai_shapes)
+TrainStep = register_step("train", TrainConfig, _run_train)
+AverageStep = register_step("average", AverageArgs, _run_average)
+CalibrateStep = register_step("calibrate", CalibrateArgs, _run_calibrate)
+EvaluateStep = register_step("evaluate", EvaluateArgs, _run_evaluate)

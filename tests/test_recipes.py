@@ -37,3 +37,57 @@ def test_the_ablation_trains_exactly_like_medfm_tiny():
 
     tiny = train_steps("medfm_tiny.yaml")
     assert len(tiny) == 9 and tiny == train_steps("medfm_tiny_ablation_monai.yaml")
+
+
+def test_a_new_step_kind_runs_without_touching_run_recipe(tmp_path, monkeypatch):
+    from pydantic import BaseModel, ConfigDict
+
+    from medfm.recipe import STEP_KINDS, StepContext, register_step, run_recipe, step_kind
+
+    class EchoArgs(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        text: str
+
+    seen: list[tuple[str, int, int]] = []
+
+    def run_echo(a: EchoArgs, ctx: StepContext) -> None:
+        ctx.header(f"echo {a.text}")
+        ctx.note("done")
+        seen.append((a.text, ctx.index, ctx.total))
+
+    monkeypatch.setattr("medfm.recipe.STEP_KINDS", dict(STEP_KINDS))
+    EchoStep = register_step("echo", EchoArgs, run_echo)
+    assert EchoStep.__name__ == "EchoStep"
+    with pytest.raises(ValueError, match="registered already"):
+        register_step("echo", EchoArgs, run_echo)
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\nsteps:\n  - echo: {text: a}\n  - echo: {text: b}\n")
+    recipe = load_recipe(path)
+    assert [step_kind(s) for s in recipe.steps] == ["echo", "echo"]
+    assert isinstance(recipe.steps[1], EchoStep) and recipe.steps[1].echo.text == "b"
+    lines: list[str] = []
+    run_recipe(recipe, log=lines.append)
+    assert seen == [("a", 1, 2), ("b", 2, 2)]
+    assert lines == ["[1/2] echo a", "    done", "[2/2] echo b", "    done"]
+    path.write_text("name: x\nsteps:\n  - echo: {text: a, extra: 1}\n")
+    with pytest.raises(MedfmError, match=r"steps\.0\.echo\.extra: Extra inputs"):
+        load_recipe(path)
+
+
+def test_unknown_step_kind_names_the_known_ones(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\nsteps:\n  - sinth: {out: a}\n")
+    with pytest.raises(MedfmError) as info:
+        load_recipe(path)
+    msg = str(info.value)
+    assert "steps.0: a step is one of synth, monai_shapes, train" in msg and "\n" not in msg
+
+
+def test_a_recipe_round_trips_through_json():
+    from medfm.recipe import Recipe
+
+    recipe = load_recipe(RECIPES[0])
+    dumped = recipe.model_dump(mode="json")
+    assert all(len(s) == 1 for s in dumped["steps"])
+    assert Recipe.model_validate(dumped) == recipe
+    assert Recipe.model_validate_json(recipe.model_dump_json()) == recipe

@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
 
+from medfm.cli._common import DeviceOption, SeedOption, user_errors
+from medfm.cli.seg import seg_app
 from medfm.errors import MedfmError
 
 app = typer.Typer(
@@ -22,28 +22,6 @@ app = typer.Typer(
 )
 synth_app = typer.Typer(help="SynthFM synthetic CT / MRI / ultrasound data.", no_args_is_help=True)
 app.add_typer(synth_app, name="synth")
-
-F = TypeVar("F", bound=Callable)
-
-
-def user_errors(fn: F) -> F:
-    """Print a MedfmError on one line and exit with code 2 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MedfmError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo(
-                "interrupted: run the same command again to resume (seg train: with --resume)",
-                err=True,
-            )
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 @app.command()
@@ -88,9 +66,9 @@ def synth_generate(
     size: Annotated[
         str | None, typer.Option(help="N or comma-separated shape, e.g. 256 or 96,128,128.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Run seed: case i depends on (seed, i) only.")] = 0,
+    seed: SeedOption = 0,
     shard: Annotated[str | None, typer.Option(help="K/N: write cases i with i % N == K.")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: DeviceOption = "cpu",
     batch: Annotated[
         int | None, typer.Option(help="Cases rendered together (default 16 in 2D, 2 in 3D).")
     ] = None,
@@ -167,8 +145,6 @@ def run(
         return
     run_recipe(r, log=lambda m: typer.echo(m))
 
-
-from medfm.cli.seg import seg_app  # noqa: E402  (after user_errors, which it uses)
 
 app.add_typer(seg_app, name="seg")
 

@@ -2,62 +2,25 @@
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
 
+from medfm.cli._common import (
+    BoxCropOption,
+    CheckpointOption,
+    DeviceOption,
+    MirrorOption,
+    ModelNameOption,
+    PredictorOption,
+    SeedOption,
+    ThresholdOption,
+    user_errors,
+    validation_message,
+)
 from medfm.errors import MedfmError
-
-F = TypeVar("F", bound=Callable)
-
-
-MirrorOption = Annotated[
-    bool,
-    typer.Option(
-        "--mirror",
-        help="Test-time mirroring (nnU-Net's): also predict on the image flipped left-right "
-        "and average the probabilities.",
-    ),
-]
-
-
-ThresholdOption = Annotated[
-    float | None,
-    typer.Option(
-        "--mask-threshold",
-        help="Logit above which a pixel is in the mask, instead of the model's own "
-        "(config.json's mask_thresholds, from medfm seg calibrate; else 0).",
-    ),
-]
-
-
-BoxCropOption = Annotated[
-    bool | None,
-    typer.Option(
-        "--box-crop/--no-box-crop",
-        help="Keep each box-prompted mask inside its box, or not, instead of the model's own "
-        "setting (config.json's box_crop, from medfm seg calibrate; else not).",
-        show_default=False,
-    ),
-]
-
-
-def user_errors(fn: F) -> F:
-    """``medfm.cli.main.user_errors``, looked up when the command runs, so that main.py can
-    import this module at its top without a circular import."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from medfm.cli.main import user_errors as wrap
-
-        return wrap(fn)(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
 
 seg_app = typer.Typer(
     help="SAM segmentation: evaluate models and baselines on real data with box / point prompts.",
@@ -78,23 +41,13 @@ def seg_evaluate(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Report JSON to write.")],
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model",
-            "-m",
-            help="medfm-tiny, vit_b, vit_l, vit_h, medsam, a run folder, "
-            "or a baseline: box-ellipse, box-fill.",
-        ),
-    ] = "medfm-tiny",
-    checkpoint: Annotated[
-        str | None, typer.Option("--checkpoint", "-c", help="Weights file for the model.")
-    ] = None,
+    model: PredictorOption = "medfm-tiny",
+    checkpoint: CheckpointOption = None,
     overlays: Annotated[
         Path | None,
         typer.Option("--overlays", help="Folder for one PNG per case: image, truth, prediction."),
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: DeviceOption = "cpu",
     max_cases: Annotated[
         int | None, typer.Option("--max-cases", help="Evaluate the first N cases only.")
     ] = None,
@@ -102,7 +55,7 @@ def seg_evaluate(
     mask_threshold: ThresholdOption = None,
     box_crop: BoxCropOption = None,
 ) -> None:
-    """Dice and surface Dice of a model with one prompt per label and image (DESIGN.md)."""
+    """Dice and surface Dice of a model, one prompt per label and image (docs/evaluation.md)."""
     from medfm.cli.progress import progress_bar
     from medfm.seg.evaluate import (
         EVAL_PROMPTS,
@@ -159,7 +112,7 @@ def seg_calibrate(
         str | None,
         typer.Option(help="Logit thresholds to try, comma-separated (default -8..1)."),
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: DeviceOption = "cpu",
     no_box_crop: Annotated[
         bool,
         typer.Option(
@@ -202,10 +155,8 @@ def seg_train(
         list[Path], typer.Option("--data", help="2D nnU-Net folder(s); repeat to mix sets.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name.")] = "medfm-tiny",
-    checkpoint: Annotated[
-        str | None, typer.Option("--checkpoint", "-c", help="Official SAM/MedSAM .pth, or weights.")
-    ] = None,
+    model: ModelNameOption = "medfm-tiny",
+    checkpoint: CheckpointOption = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
     batch: Annotated[int, typer.Option(help="Images per step.")] = 8,
     prompts_per_image: Annotated[int, typer.Option(help="Labels prompted per image.")] = 4,
@@ -250,8 +201,8 @@ def seg_train(
     ] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
     cache: Annotated[Path | None, typer.Option(help="Embedding cache folder.")] = None,
-    seed: Annotated[int, typer.Option(help="Run seed.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    seed: SeedOption = 0,
+    device: DeviceOption = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run.")] = False,
 ) -> None:
     """Train SAM's prompt encoder and mask decoder on synthetic data (SynthFM recipe)."""
@@ -275,9 +226,7 @@ def seg_train(
             lowres_prob=lowres_prob, lowres_labels=lowres_labels,
         )  # fmt: skip
     except ValidationError as e:
-        err = e.errors()[0]
-        where = f"--{'-'.join(map(str, err['loc']))}: " if err["loc"] else ""
-        raise MedfmError(f"{where}{err['msg'].removeprefix('Value error, ')}") from None
+        raise MedfmError(validation_message(e, as_option=True)) from None
     from medfm.cli.progress import progress_bar
 
     with progress_bar(info=True) as bar:
@@ -296,23 +245,36 @@ def seg_train(
 def seg_embed(
     data: Annotated[list[Path], typer.Option("--data", help="2D nnU-Net folder(s).")],
     cache: Annotated[Path, typer.Option(help="Embedding cache folder.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name.")] = "vit_b",
-    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    model: ModelNameOption = "vit_b",
+    checkpoint: CheckpointOption = None,
+    device: DeviceOption = "cpu",
 ) -> None:
-    """Compute each image's embedding once into the cache (fp16, memory-mapped)."""
+    """Compute each image's embedding once into the cache (fp16, memory-mapped): what
+    medfm seg train --cache then reads instead of encoding."""
+    from pydantic import ValidationError
+
     from medfm.devices import parse_device
-    from medfm.engine import Dist
-    from medfm.seg.train import SegTask, TrainConfig
+    from medfm.seg.cache import EmbeddingCache
+    from medfm.seg.embed import encode_images, encoder_id
+    from medfm.seg.train import TrainConfig, init_model, load_training_data
 
     dev = parse_device(device)
-
-    cfg = TrainConfig(
-        model=model, checkpoint=checkpoint, data=tuple(str(d) for d in data),
-        out=str(cache / ".embed"), cache=str(cache), device=device,
-    )  # fmt: skip
-    task = SegTask(cfg, Dist(0, 1, dev), log=lambda m: typer.echo(m, err=True))
-    typer.echo(f"{len(task.data.images)} images embedded in {cache} ({task.cache.stats()})")
+    try:  # the model and images exactly as training builds them (out: nothing is written there)
+        cfg = TrainConfig(
+            model=model, checkpoint=checkpoint, data=tuple(str(d) for d in data),
+            out=str(cache / ".embed"), cache=str(cache), device=device,
+        )  # fmt: skip
+    except ValidationError as e:
+        raise MedfmError(validation_message(e, as_option=True)) from None
+    if checkpoint is None:
+        typer.echo(f"warning: no checkpoint: {model}'s image encoder has random weights", err=True)
+    sam = init_model(cfg).to(dev)
+    images = load_training_data(cfg.data, int(sam.image_encoder.img_size)).images
+    store = EmbeddingCache(cache, encoder_id(sam, model))
+    store.fill(
+        images, lambda batch: encode_images(sam, batch, dev), log=lambda m: typer.echo(m, err=True)
+    )
+    typer.echo(f"{len(images)} images embedded in {cache} ({store.stats()})")
 
 
 def _numbers(text: str, what: str) -> list[float]:
@@ -339,9 +301,9 @@ def seg_predict(
         list[str] | None,
         typer.Option("--point", help="x,y[,label] (2D) or x,y,k[,label] (3D); label 1 or 0."),
     ] = None,
-    model: Annotated[str, typer.Option("--model", "-m")] = "medfm-tiny",
-    checkpoint: Annotated[str | None, typer.Option("--checkpoint", "-c")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    model: PredictorOption = "medfm-tiny",
+    checkpoint: CheckpointOption = None,
+    device: DeviceOption = "cpu",
     mirror: MirrorOption = False,
     mask_threshold: ThresholdOption = None,
     box_crop: BoxCropOption = None,

@@ -1,10 +1,15 @@
 """Volumes and datasets: Volume (array + affine), NIfTI, PNG, DICOM series, nnU-Net v2 raw sets.
 
 The axis order used everywhere in medfm is documented once, in ``medfm.io.volume``.
+
+Start with `load_volume` / `save_volume` (a file by its name), `iter_dataset` (read an nnU-Net
+folder case by case) and `write_dataset` (write one from (case, image, label) items).
 """
 
 from medfm.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text, remove_temp_files
+from medfm.io.dataset import write_dataset
 from medfm.io.dicom import read_dicom_series
+from medfm.io.files import load_volume, save_volume
 from medfm.io.nifti import read_nifti, write_nifti
 from medfm.io.nnunet import (
     DatasetJson,
@@ -29,6 +34,7 @@ __all__ = [
     "case_paths",
     "iter_dataset",
     "list_cases",
+    "load_volume",
     "read_dataset_json",
     "read_dicom_series",
     "read_image",
@@ -36,7 +42,9 @@ __all__ = [
     "read_png",
     "remove_temp_files",
     "resample_volume",
+    "save_volume",
     "write_case",
+    "write_dataset",
     "write_dataset_json",
     "write_nifti",
     "write_png",

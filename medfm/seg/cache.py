@@ -1,7 +1,8 @@
 """Image-embedding cache: each image is encoded once per model, then read from disk.
 
 With the image encoder frozen (SynthFM's recipe) training needs only the embeddings, so
-``medfm seg embed`` fills this cache and every later epoch and run reads it.
+``medfm seg embed`` or training fills this cache (`EmbeddingCache.fill`, with the encoder of
+`medfm.seg.embed`) and every later epoch and run reads it.
 
 Layout under ``root``::
 
@@ -64,6 +65,11 @@ def _as_image(image: np.ndarray) -> np.ndarray:
     if image.ndim not in (2, 3) or image.size == 0:
         raise MedfmError(f"image must be (H, W) or (H, W, C) and non-empty, got {image.shape}")
     return np.ascontiguousarray(image)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise MedfmError(f"batch_size must be >= 1, got {batch_size}")
 
 
 class EmbeddingCache:
@@ -205,11 +211,57 @@ class EmbeddingCache:
         rounded to float16) for hits and misses alike, so a first run and a rerun see the same
         numbers.
         """
-        if batch_size < 1:
-            raise MedfmError(f"batch_size must be >= 1, got {batch_size}")
+        _check_batch_size(batch_size)
         if len(images) == 0:
             raise MedfmError("get_or_compute needs at least one image")
         keys = [self.key(im) for im in images]
+        found = self._compute_missing(images, keys, encode, batch_size, input_size)
+        return torch.stack([torch.from_numpy(np.array(found[k], dtype=np.float32)) for k in keys])
+
+    def fill(
+        self,
+        images: Sequence[np.ndarray],
+        encode: Callable[[list[np.ndarray]], torch.Tensor],
+        *,
+        batch_size: int = 8,
+        rank: int = 0,
+        world: int = 1,
+        log: Callable[[str], None] | None = None,
+    ) -> int:
+        """Store the embedding of every image (H, W[, C]) of ``images`` not cached yet; returns
+        how many this process wrote.
+
+        The misses, in order, are shared among ``world`` processes: process ``rank`` encodes
+        misses rank, rank + world, ... (each process calls ``fill`` with the same images),
+        ``batch_size`` images per ``encode`` call (as in `get_or_compute`), under
+        ``torch.inference_mode``. ``log`` gets one line when there are misses. Waiting for the
+        other processes to finish is the caller's business.
+        """
+        _check_batch_size(batch_size)
+        if world < 1 or not 0 <= rank < world:
+            raise MedfmError(f"rank {rank} of world {world}: need 0 <= rank < world")
+        todo = [im for im in images if self.get_array(im) is None]
+        if todo and log is not None:
+            log(f"embedding {len(todo)} images (cached for later epochs and runs)")
+        mine = todo[rank::world]
+        before = self._writes
+        chunk = 2 * batch_size  # images looked up again and encoded per round
+        with torch.inference_mode():
+            for s in range(0, len(mine), chunk):
+                part = mine[s : s + chunk]
+                self._compute_missing(part, [self.key(im) for im in part], encode, batch_size)
+        return self._writes - before
+
+    def _compute_missing(
+        self,
+        images: Sequence[np.ndarray],
+        keys: list[str],
+        encode: Callable[[list[np.ndarray]], torch.Tensor],
+        batch_size: int,
+        input_size: SizeFn | None = None,
+    ) -> dict[str, np.ndarray]:
+        """key -> (C, h, w) float16 embedding of each of ``images`` (whose keys are ``keys``):
+        hits read, each distinct miss encoded once and stored."""
         found: dict[str, np.ndarray] = {}
         todo: dict[str, np.ndarray] = {}
         for key, image in zip(keys, images, strict=True):
@@ -237,7 +289,7 @@ class EmbeddingCache:
                 size = None if input_size is None else input_size(tuple(image.shape[:2]))
                 self.put(image, emb, input_size=size)
                 found[key] = emb.numpy().astype(np.float16)
-        return torch.stack([torch.from_numpy(np.array(found[k], dtype=np.float32)) for k in keys])
+        return found
 
     # ------------------------------------------------------------------ bookkeeping
 

@@ -291,15 +291,9 @@ def check_overlays(overlays: str | os.PathLike | None) -> Path | None:
 
 def _overlay(rgb: np.ndarray, gt: np.ndarray, pred: np.ndarray, size: int = 256) -> np.ndarray:
     """(3, size, 3 * size) uint8: the image, ground-truth outlines, predicted outlines."""
-    from medfm.synth.preview import outline_tile
+    from medfm.viz import overlay_row
 
-    grey = torch.from_numpy(rgb.mean(axis=-1).round().astype(np.uint8))
-    tiles = [
-        outline_tile(grey, torch.zeros(gt.shape, dtype=torch.long), size),
-        outline_tile(grey, torch.from_numpy(gt.astype(np.int64)), size),
-        outline_tile(grey, torch.from_numpy(pred.astype(np.int64)), size),
-    ]
-    return np.moveaxis(np.concatenate(tiles, axis=1), -1, 0)
+    return overlay_row(rgb, gt, pred, size)
 
 
 # ----------------------------------------------------------------------------- evaluation

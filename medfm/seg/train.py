@@ -26,7 +26,6 @@ encoder) on nnU-Net 2D datasets: the SynthFM recipe.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,7 +53,9 @@ from medfm.engine import (
 )
 from medfm.errors import MedfmError
 from medfm.io import iter_dataset, read_dataset_json
+from medfm.seg.cache import EmbeddingCache
 from medfm.seg.decoder import decode_rows
+from medfm.seg.embed import encode_images, encoder_id, preprocess_images
 from medfm.seg.losses import dice_loss_only, sam_loss
 from medfm.seg.prompts import (
     PromptConfig,
@@ -432,50 +433,17 @@ class SegTask(Task):
     # ------------------------------------------------------------------ embeddings
 
     def model_id(self) -> str:
-        """The embedding cache's key for this model: its name, input size and a hash of what
-        makes its embeddings (the image encoder's weights, SAM's pixel mean and std), so that
-        new weights at the same path never reuse old embeddings."""
-        h = hashlib.sha256()
-        encoder = self.model.image_encoder.state_dict()
-        norm = {"pixel_mean": self.model.pixel_mean, "pixel_std": self.model.pixel_std}
-        for name, t in [*sorted(encoder.items()), *norm.items()]:
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        return f"{self.cfg.model}:{self.image_size}:{h.hexdigest()[:16]}"
+        """The embedding cache's key for this model (`medfm.seg.embed.encoder_id`)."""
+        return encoder_id(self.model, self.cfg.model)
 
     def _encode(self, images: list[np.ndarray]) -> torch.Tensor:
-        return self.model.image_encoder(self._preprocess(images))
-
-    def _preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
-        """SAM's resize (longest side to the input size), normalisation and padding, one
-        batch. An image whose longest side is already the input size is not resized (PIL's
-        resize to the same size is a copy); images of one shape go to the device together."""
-        from segment_anything.utils.transforms import ResizeLongestSide
-
-        t = ResizeLongestSide(self.image_size)
-        resized = [im if max(im.shape[:2]) == self.image_size else t.apply_image(im)
-                   for im in images]  # fmt: skip
-        if len({im.shape for im in resized}) == 1:
-            x = torch.from_numpy(np.stack(resized)).to(self.device).permute(0, 3, 1, 2)
-            return self.model.preprocess(x.float())
-        batch = []
-        for im in resized:
-            x = torch.as_tensor(im, device=self.device).permute(2, 0, 1).float()
-            batch.append(self.model.preprocess(x[None])[0])
-        return torch.stack(batch)
+        return encode_images(self.model, images, self.device)
 
     def _fill_cache(self) -> None:
-        from medfm.seg.cache import EmbeddingCache
-
         root = Path(self.cfg.cache) if self.cfg.cache else self.out / "embeddings"
         self.cache = EmbeddingCache(root, self.model_id())
-        todo = [im for im in self.data.images if self.cache.get_array(im) is None]
-        if todo:
-            self.log(f"embedding {len(todo)} images (cached for later epochs and runs)")
-        todo = todo[self.dist.rank :: self.dist.world]  # each process embeds its share
-        with torch.inference_mode():
-            for s in range(0, len(todo), 16):
-                self.cache.get_or_compute(todo[s : s + 16], self._encode, batch_size=8)
+        self.cache.fill(self.data.images, self._encode, rank=self.dist.rank,
+                        world=self.dist.world, log=self.log)  # fmt: skip
         self.dist.barrier()
 
     def embeddings(
@@ -559,7 +527,8 @@ class SegTask(Task):
         if self.cache is not None:
             inputs = self.embeddings(idx_mine, step, factors_mine)
         else:
-            inputs = self._preprocess(self.augmented_images(idx_mine, step, factors_mine))
+            images = self.augmented_images(idx_mine, step, factors_mine)
+            inputs = preprocess_images(self.model, images, self.device)
         amp = self.cfg.amp and self.device.type == "cuda"
         return net(inputs, image_index, masks, prompts, cfg.prompt, cfg.loss, g, self.scale,
                    amp=amp, rows=rows)  # fmt: skip

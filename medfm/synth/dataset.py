@@ -43,6 +43,8 @@ from medfm.synth.case import (
     sample_case,
     to_output,
 )
+from medfm.synth.manifest import write_manifest
+from medfm.synth.preview import write_preview
 
 FORMAT_VERSION = 1
 RUN_FILE = "synth_run.json"
@@ -314,47 +316,11 @@ def generate_dataset(
                 if progress:
                     progress(done)
 
-    write_manifest(out, spec)
+    # every shard writes the same manifest, of all n cases
+    write_manifest(out, [(spec.case_id(i), spec.sample(i)) for i in range(spec.n)], spec.seed)
     prev = None
     if preview:
-        from medfm.synth.preview import write_preview
-
         prev = write_preview(out, out / "preview.png")
     return GenerateReport(
         out=out, written=len(todo), skipped=len(mine) - len(todo), total=n, preview=prev
     )
-
-
-def manifest_line(spec: RunSpec, index: int, params: CaseParams) -> str:
-    return json.dumps(
-        {
-            "case": spec.case_id(index),
-            "index": index,
-            "run_seed": spec.seed,
-            "seed": params.seed,
-            "modality": params.modality,
-            "params": params.model_dump(mode="json"),
-        },
-        separators=(",", ":"),
-    )
-
-
-def write_manifest(out: Path, spec: RunSpec) -> None:
-    """Write ``manifest.jsonl`` for all n cases (identical for every shard)."""
-    lines = [manifest_line(spec, i, spec.sample(i)) for i in range(spec.n)]
-    atomic_write_text(out / "manifest.jsonl", "\n".join(lines) + "\n")
-
-
-def replay(line: str | dict, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-render one manifest line: returns (image as written, label) with no batch axis."""
-    rec = json.loads(line) if isinstance(line, str) else line
-    params = CaseParams.model_validate(rec["params"])
-    r = render_cases([params], device)
-    return to_output([params], r.image)[0].cpu(), r.label[0].cpu()
-
-
-def read_manifest(folder: str | os.PathLike) -> list[dict]:
-    path = Path(folder) / "manifest.jsonl"
-    if not path.exists():
-        raise MedfmError(f"{path} not found: is {folder} a medfm synthetic dataset?")
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]

@@ -111,3 +111,51 @@ def test_preview_command(tmp_path):
     assert grid.shape[1] >= 3 * 100  # three orthogonal slices for a 3D case
     r = run("synth", "preview", tmp_path / "missing")
     assert r.exit_code == 2 and "not a folder" in r.output
+
+
+def test_validation_errors_become_one_line():
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+    from medfm.cli._common import validation_message
+
+    class Inner(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        refine_iters: int = Field(0, ge=0)
+
+    class Cfg(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        grad_clip: float | None = Field(None, gt=0)
+        prompt: Inner = Inner()
+
+        @model_validator(mode="after")
+        def _check(self):
+            if self.grad_clip == 7:
+                raise ValueError("seven is not a clip")
+            return self
+
+    def message(as_option=False, **kw):
+        with pytest.raises(ValidationError) as info:
+            Cfg(**kw)
+        return validation_message(info.value, as_option=as_option)
+
+    assert message(grad_clip=-1) == "grad_clip: Input should be greater than 0"
+    assert message(True, grad_clip=-1) == "--grad-clip: Input should be greater than 0"
+    assert message(prompt={"refine_iters": -1}).startswith("prompt.refine_iters: Input should")
+    assert message(True, prompt={"x": 1}) == "--prompt-x: Extra inputs are not permitted"
+    assert message(True, grad_clip=7) == "seven is not a clip"  # no field: no prefix
+
+
+def test_user_errors_print_one_line_and_exit_2():
+    import typer
+
+    from medfm.cli._common import user_errors
+    from medfm.errors import MedfmError
+
+    @user_errors
+    def bad() -> None:
+        raise MedfmError("what was wrong; what to do")
+
+    app = typer.Typer()
+    app.command()(bad)
+    r = CliRunner().invoke(app, [])
+    assert r.exit_code == 2 and r.output.strip() == "error: what was wrong; what to do"

@@ -121,3 +121,58 @@ def test_errors(tmp_path):
         cache.get(torch.zeros(4, 4, 3))
     with pytest.raises(MedfmError, match="model_id"):
         EmbeddingCache(tmp_path, "")
+
+
+def test_fill_encodes_each_processes_share_of_the_misses(tmp_path):
+    ims = [image(i) for i in range(7)]
+    cache = EmbeddingCache(tmp_path, "fake")
+    cache.put(ims[0], torch.zeros(4, 3, 5))
+    logs: list[str] = []
+    enc = Encoder()
+    # process 1 of 2 takes misses 1, 3, 5 of the six misses (ims 1..6): ims 2, 4, 6
+    assert cache.fill(ims, enc, batch_size=2, rank=1, world=2, log=logs.append) == 3
+    assert logs == ["embedding 6 images (cached for later epochs and runs)"]
+    assert [im in cache for im in ims] == [True, False, True, False, True, False, True]
+    assert enc.calls == [2, 1]  # rounds of 2 * batch_size images, batch_size per call
+    assert torch.equal(cache.get(ims[2]), enc([ims[2]])[0].half().float())
+    assert cache.fill(ims, enc, batch_size=2, log=logs.append) == 3  # the rest, in one process
+    assert all(im in cache for im in ims)
+    assert cache.fill(ims, Encoder(), log=logs.append) == 0 and len(logs) == 2
+    assert cache.entry(ims[1]).input_size is None
+    with pytest.raises(MedfmError, match="rank 2 of world 2"):
+        cache.fill(ims, enc, rank=2, world=2)
+    with pytest.raises(MedfmError, match="batch_size"):
+        cache.fill(ims, enc, batch_size=0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_seg_embed_writes_the_entries_training_writes(tmp_path):
+    from typer.testing import CliRunner
+
+    from medfm.cli.main import app
+    from medfm.seg.models import BUNDLED_DIR
+    from medfm.seg.prompts import PromptConfig
+    from medfm.seg.train import TrainConfig, make_engine
+    from medfm.synth.dataset import generate_dataset
+
+    data = tmp_path / "ds"
+    generate_dataset(data, modalities="ct,us", dim=2, n=3, size=48, seed=2)
+    args = ["seg", "embed", "--data", str(data), "--cache", str(tmp_path / "embed"), "-m",
+            "medfm-tiny", "-c", str(BUNDLED_DIR)]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "3 images embedded" in r.output and "misses=6, writes=3" in r.output
+    cfg = TrainConfig(
+        model="medfm-tiny", checkpoint=str(BUNDLED_DIR), data=(str(data),),
+        out=str(tmp_path / "run"), cache=str(tmp_path / "train"), steps=1,
+        prompt=PromptConfig(refine_iters=0),
+    )  # fmt: skip
+    make_engine(cfg)
+
+    def files(root):
+        return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    embedded, trained = files(tmp_path / "embed"), files(tmp_path / "train")
+    assert len(embedded) == 6 and embedded == trained
+    r = CliRunner().invoke(app, args)  # everything cached: nothing encoded again
+    assert r.exit_code == 0 and "hits=3, misses=0, writes=0" in r.output

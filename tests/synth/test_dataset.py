@@ -15,7 +15,8 @@ import torch
 import medfm.synth.dataset as ds_mod
 from medfm.errors import MedfmError
 from medfm.io import iter_dataset, read_nifti, read_png
-from medfm.synth.dataset import generate_dataset, read_manifest, replay
+from medfm.synth.dataset import generate_dataset
+from medfm.synth.manifest import read_manifest, replay
 
 SMALL = dict(modalities="ct,mri,us", dim=2, n=6, size=48, seed=3)
 

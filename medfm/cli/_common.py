@@ -1,0 +1,127 @@
+"""What several ``medfm`` commands share: the one-line handler of user errors, the translation
+of a pydantic validation error into one line, and the options declared by more than one
+command (``Annotated`` aliases; each command gives its own default)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+import typer
+from pydantic import ValidationError
+
+from medfm.errors import MedfmError
+
+__all__ = [
+    "BoxCropOption",
+    "CheckpointOption",
+    "DeviceOption",
+    "MirrorOption",
+    "ModelNameOption",
+    "PredictorOption",
+    "SeedOption",
+    "ThresholdOption",
+    "user_errors",
+    "validation_message",
+]
+
+F = TypeVar("F", bound=Callable)
+
+
+def user_errors(fn: F) -> F:
+    """Print a MedfmError on one line and exit with code 2 (no traceback); Ctrl-C exits with
+    130 and says how to resume."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MedfmError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo(
+                "interrupted: run the same command again to resume (seg train: with --resume)",
+                err=True,
+            )
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def validation_message(error: ValidationError, *, as_option: bool = False) -> str:
+    """The first problem of a pydantic validation as one line, ``WHERE: WHAT``.
+
+    WHERE is the field's location, dotted (``steps.0.train.stepz``), or as a command-line
+    option (``--grad-clip``) with ``as_option``; it is left out for a problem of the whole
+    model (a check across fields). WHAT is pydantic's message less its "Value error, " prefix."""
+    err = error.errors()[0]
+    loc = [str(part) for part in err["loc"]]
+    if not loc:
+        where = ""
+    elif as_option:
+        where = "--" + "-".join(loc).replace("_", "-")
+    else:
+        where = ".".join(loc)
+    what = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {what}" if where else what
+
+
+DeviceOption = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+
+SeedOption = Annotated[
+    int, typer.Option("--seed", help="Run seed: the same seed gives the same result.")
+]
+
+ModelNameOption = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Model name: medfm-tiny, vit_b, vit_l, vit_h or medsam."),
+]
+
+PredictorOption = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="medfm-tiny, vit_b, vit_l, vit_h, medsam, a run folder, "
+        "or a baseline: box-ellipse, box-fill.",
+    ),
+]
+
+CheckpointOption = Annotated[
+    str | None,
+    typer.Option(
+        "--checkpoint",
+        "-c",
+        help="Weights for the model: an official SAM / MedSAM .pth, or a medfm model folder.",
+    ),
+]
+
+MirrorOption = Annotated[
+    bool,
+    typer.Option(
+        "--mirror",
+        help="Test-time mirroring (nnU-Net's): also predict on the image flipped left-right "
+        "and average the probabilities.",
+    ),
+]
+
+ThresholdOption = Annotated[
+    float | None,
+    typer.Option(
+        "--mask-threshold",
+        help="Logit above which a pixel is in the mask, instead of the model's own "
+        "(config.json's mask_thresholds, from medfm seg calibrate; else 0).",
+    ),
+]
+
+BoxCropOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--box-crop/--no-box-crop",
+        help="Keep each box-prompted mask inside its box, or not, instead of the model's own "
+        "setting (config.json's box_crop, from medfm seg calibrate; else not).",
+        show_default=False,
+    ),
+]
