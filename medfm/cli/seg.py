@@ -309,91 +309,13 @@ def seg_predict(
     box_crop: BoxCropOption = None,
 ) -> None:
     """Segment an image from box or point prompts; object i gets label i in the output."""
-    import numpy as np
-    import torch
+    from medfm.seg.segment import segment_file
 
-    from medfm.io import Volume, read_image, read_nifti, write_nifti, write_png
-    from medfm.seg.evaluate import load_predictor, volume_uint8
-    from medfm.seg.volume import check_box, propagate_box3d, segment_slice
-
-    if not box and not point:
-        raise MedfmError("give at least one --box or --point")
-    if box and point:
-        raise MedfmError("give --box or --point prompts, not both")
-    if not image.is_file():
-        raise MedfmError(f"image {image} not found")
-    name = image.name.lower()
-    is_nifti = name.endswith((".nii", ".nii.gz"))
-    vol = read_nifti(image) if is_nifti else read_image(image)
-    three_d = vol.ndim == 3
-    out_name = out.name.lower()
-    if three_d and not out_name.endswith((".nii", ".nii.gz")):
-        raise MedfmError("a 3D image's mask is written as NIfTI: use --out mask.nii.gz")
-    if not three_d and not out_name.endswith((".png", ".nii", ".nii.gz")):
-        raise MedfmError("--out must end in .png, .nii or .nii.gz")
-    if three_d:
-        pixels = volume_uint8(vol.data[0].numpy())
-        h, w, depth = pixels.shape
-    else:
-        data = vol.data
-        pixels = data.numpy() if data.shape[0] == 3 else data[0].numpy()
-        pixels = np.moveaxis(pixels, 0, -1) if pixels.ndim == 3 else pixels
-        h, w = pixels.shape[:2]
-    predictor = load_predictor(
-        model, checkpoint, device=device, mirror=mirror, mask_threshold=mask_threshold,
-        box_crop=box_crop,
+    result = segment_file(
+        image, out, boxes=box, points=point, model=model, checkpoint=checkpoint, device=device,
+        mirror=mirror, mask_threshold=mask_threshold, box_crop=box_crop,
     )  # fmt: skip
-    label = np.zeros(pixels.shape[:2] if not three_d else (h, w, depth), dtype=np.uint8)
-
-    if box:
-        for i, text in enumerate(box, 1):
-            v = _numbers(text, "--box")
-            if three_d and len(v) == 6:
-                mask = propagate_box3d(predictor, pixels, np.array(v, np.float32))
-            elif three_d and len(v) == 5:
-                k = int(v[4])
-                if not 0 <= k < depth:
-                    raise MedfmError(f"--box slice {k} is outside 0..{depth - 1}")
-                b = np.array(v[:4], np.float32)
-                check_box(b, h, w)
-                mask = np.zeros(label.shape, bool)
-                mask[:, :, k] = segment_slice(predictor, pixels[:, :, k], box=b)
-            elif not three_d and len(v) == 4:
-                b = np.array(v, np.float32)
-                check_box(b, h, w)
-                mask = segment_slice(predictor, pixels, box=b)
-            else:
-                want = "x0,y0,x1,y1,k or x0,y0,x1,y1,z0,z1" if three_d else "x0,y0,x1,y1"
-                raise MedfmError(f"--box {text!r}: a {'3D' if three_d else '2D'} box is {want}")
-            label[mask] = i
-    else:
-        groups: dict[int, list[tuple[float, float, int]]] = {}
-        for text in point:
-            v = _numbers(text, "--point")
-            n_xy = 3 if three_d else 2
-            if len(v) not in (n_xy, n_xy + 1):
-                want = "x,y,k[,label]" if three_d else "x,y[,label]"
-                raise MedfmError(f"--point {text!r} must be {want}")
-            x, y = v[0], v[1]
-            k = int(v[2]) if three_d else 0
-            lab = int(v[n_xy]) if len(v) > n_xy else 1
-            if not (0 <= x < w and 0 <= y < h) or (three_d and not 0 <= k < depth):
-                raise MedfmError(f"--point {text!r} lies outside the image")
-            groups.setdefault(k, []).append((x, y, lab))
-        for k, pts in groups.items():
-            p = np.array([[x, y] for x, y, _ in pts], np.float32)
-            lab = np.array([c for _, _, c in pts], np.int64)
-            if three_d:
-                label[:, :, k][segment_slice(predictor, pixels[:, :, k], points=p, labels=lab)] = 1
-            else:
-                label[segment_slice(predictor, pixels, points=p, labels=lab)] = 1
-
-    mask_vol = Volume(torch.from_numpy(label)[None], vol.affine)
-    if out_name.endswith(".png"):
-        write_png(mask_vol, out)
-    else:
-        write_nifti(mask_vol, out)
-    typer.echo(f"{out}: {int((label > 0).sum())} voxels in {int(label.max())} object(s)")
+    typer.echo(f"{out}: {result.n_voxels} voxels in {result.n_objects} object(s)")
 
 
 @seg_app.command("export")

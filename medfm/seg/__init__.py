@@ -8,4 +8,17 @@ Conventions shared by every module here (SAM's own):
 - Boxes are ``(N, 4)`` float ``x0, y0, x1, y1`` in pixels of the original image, x = column,
   y = row; points are ``(N, P, 2)`` ``x, y`` with labels ``(N, P)`` (1 positive, 0 negative).
 - Masks are ``(N, H, W)`` bool at the original image size.
+
+Public names: `Segmenter` (prediction), `list_models` (the zoo's names), `TrainConfig` and `train`
+(training), `evaluate` (the evaluation protocol), `calibrate` (mask thresholds on synthetic data).
+They are imported here eagerly: ``evaluate``, ``calibrate`` and ``train`` share their names with
+their modules, and a lazily bound name would be replaced by its module once that is imported.
 """
+
+from medfm.seg.calibrate import calibrate
+from medfm.seg.evaluate import evaluate
+from medfm.seg.models import list_models
+from medfm.seg.predict import Segmenter
+from medfm.seg.train import TrainConfig, train
+
+__all__ = ["Segmenter", "TrainConfig", "calibrate", "evaluate", "list_models", "train"]

@@ -26,14 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from medfm.errors import MedfmError
-from medfm.seg.models import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    load_pretrained,
-    model_folder,
-    read_config,
-    save_pretrained,
-)
+from medfm.io.weights import CONFIG_NAME, WEIGHTS_NAME
+from medfm.seg.config import AveragedFrom
+from medfm.seg.models import load_pretrained, model_folder, read_model_config, save_pretrained
 
 __all__ = ["average_models"]
 
@@ -41,8 +36,6 @@ __all__ = ["average_models"]
 def average_models(models: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
     """Write the uniform weight average of the medfm model folders (or training runs)
     ``models`` (at least two, one architecture) to the model folder ``out``; returns it."""
-    from medfm.seg.predict import multimask_clicks
-
     if len(models) < 2:
         raise MedfmError(f"give at least two models to average, got {len(models)}")
     folders = [model_folder(m, purpose="averaging reads its weights") for m in models]
@@ -52,12 +45,12 @@ def average_models(models: Sequence[str | os.PathLike], out: str | os.PathLike) 
     loaded = [load_pretrained(f) for f in folders]
     first, config0 = loaded[0]
     for folder, (_, config) in zip(folders[1:], loaded[1:], strict=True):
-        if (config["model"], config.get("spec")) != (config0["model"], config0.get("spec")):
+        if (config.model, config.spec) != (config0.model, config0.spec):
             raise MedfmError(
-                f"{folder} is a {config['model']} model of another architecture than "
-                f"{folders[0]} ({config0['model']}); only models of one architecture average"
+                f"{folder} is a {config.model} model of another architecture than "
+                f"{folders[0]} ({config0.model}); only models of one architecture average"
             )
-    clicks = {multimask_clicks(config) for _, config in loaded}
+    clicks = {config.click_multimask() for _, config in loaded}
     if len(clicks) > 1:
         raise MedfmError(
             "the models disagree on single clicks (some were trained with SAM's three outputs, "
@@ -73,17 +66,17 @@ def average_models(models: Sequence[str | os.PathLike], out: str | os.PathLike) 
             mean[key] = stacked.max(dim=0).values
     first.load_state_dict(mean)
     sources = [
-        {
-            "folder": str(folder),
-            "base_checkpoint": config.get("base_checkpoint"),
-            "train_config": config.get("train_config"),
-        }
+        AveragedFrom(
+            folder=str(folder),
+            base_checkpoint=config.base_checkpoint,
+            train_config=config.train_config,
+        )
         for folder, (_, config) in zip(folders, loaded, strict=True)
     ]
     extra = {"averaged_from": sources, "multimask_clicks": clicks.pop()}
     if _written(out, first.state_dict(), extra):
         return out  # the same average again (a recipe run twice): keep it, calibration and all
-    return save_pretrained(first, out, name=config0["model"], extra=extra)
+    return save_pretrained(first, out, name=config0.model, extra=extra)
 
 
 def _written(out: Path, state: dict[str, torch.Tensor], extra: dict) -> bool:
@@ -92,10 +85,12 @@ def _written(out: Path, state: dict[str, torch.Tensor], extra: dict) -> bool:
     if not (out / CONFIG_NAME).is_file() or not (out / WEIGHTS_NAME).is_file():
         return False
     try:
-        config = read_config(out)
+        config = read_model_config(out)
         saved = load_file(str(out / WEIGHTS_NAME))
     except (MedfmError, OSError, SafetensorError):
         return False
-    if any(config.get(k) != v for k, v in extra.items()) or saved.keys() != state.keys():
+    same = config.averaged_from == extra["averaged_from"]
+    same = same and config.multimask_clicks == extra["multimask_clicks"]
+    if not same or saved.keys() != state.keys():
         return False
     return all(torch.equal(saved[k], v) for k, v in state.items())

@@ -16,7 +16,6 @@ on the real sets a model is reported on: that would be tuning on them.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -146,8 +145,7 @@ def calibrate(
     Dice) into its config.json, atomically, and returns the ``calibration`` entry.
     ``fingerprint``: kept in that entry as ``inputs_sha256`` (what a recipe run again checks,
     `medfm.recipe`)."""
-    from medfm.io import atomic_write_text
-    from medfm.seg.models import read_config
+    from medfm.seg.models import read_model_config, write_model_config
     from medfm.seg.predict import Segmenter
 
     folder = model_folder(model, purpose="calibration writes into its config.json")
@@ -197,12 +195,12 @@ def calibrate(
                 what = f"{p}{' cropped to the box' if crop else ''}"
                 log(f"{what}: mean Dice by threshold {cells}")
             log(f"{p}: threshold {grid[j]:g}" + ("" if p != "box" else f", box crop {tried[c]}"))
-    config = read_config(folder)
-    config["mask_thresholds"] = {**(config.get("mask_thresholds") or {}), **chosen}
+    config = read_model_config(folder)
+    config.mask_thresholds = {**config.thresholds(), **chosen}
     if chosen_crop is not None:
-        config["box_crop"] = chosen_crop
+        config.box_crop = chosen_crop
     if fingerprint is not None:
         record["inputs_sha256"] = fingerprint
-    config["calibration"] = record
-    atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
+    config.calibration = record
+    write_model_config(folder, config)
     return record

@@ -3,7 +3,7 @@
 Training (`medfm.seg.train.decode`) and prediction (`medfm.seg.predict.Segmenter`) both decode
 through `decode_rows`: SAM's ``MaskDecoder.predict_masks`` with one image embedding per prompt,
 its two-way transformer run by `two_way_transformer` and the mask outputs computed by
-`upscaled_masks`, both from SAM's own weights.
+`upscaled_masks`, both from SAM's own weights. `sam_mask_decoder` builds the decoder itself.
 """
 
 from __future__ import annotations
@@ -12,6 +12,19 @@ import math
 
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+
+
+def sam_mask_decoder(dim: int = 256) -> MaskDecoder:
+    """segment-anything's mask decoder as ``_build_sam`` makes it (three multimask outputs, a
+    two-layer two-way transformer), on ``dim``-channel embeddings; random weights."""
+    return MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=2048, num_heads=8),
+        transformer_dim=dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
 
 
 def decode_rows(

@@ -1,4 +1,4 @@
-"""The evaluation protocol (DESIGN.md): one prompt per label and image, Dice and surface Dice.
+"""The evaluation protocol (docs/evaluation.md): one prompt per label and image, Dice and NSD.
 
 Protocol
 --------
@@ -21,7 +21,7 @@ Protocol
     the image border counting as background), ties broken by the first pixel in row-major order.
 
   - box3d (3D cases only; not one prompt per slice): each label's tight 3D box, segmented by
-    MedSAM's propagation (`medfm.seg.volume.propagate_box3d`: the 3D box on its middle slice,
+    MedSAM's propagation (`medfm.seg.propagate.propagate_box3d`: the 3D box on its middle slice,
     then each next slice prompted by the box of the previous slice's mask), which is what
     ``medfm seg predict --box x0,y0,x1,y1,z0,z1`` does.
 
@@ -56,6 +56,8 @@ import torch
 from medfm.errors import MedfmError
 from medfm.io import atomic_write_text, iter_dataset, list_cases, read_dataset_json, write_png
 from medfm.seg.baselines import BASELINES
+from medfm.seg.boxes import tight_box
+from medfm.seg.propagate import propagate_box3d
 from medfm.seg.types import Predictor, click_multimask, to_rgb_uint8
 
 __all__ = [
@@ -71,7 +73,7 @@ __all__ = [
     "load_predictor",
     "score_label",
     "slice_prompts",
-    "tight_box",
+    "volume_uint8",
     "write_report",
 ]
 
@@ -83,16 +85,6 @@ NSD_TOLERANCE = 2.0
 
 
 # ----------------------------------------------------------------------------- prompts
-
-
-def tight_box(mask: np.ndarray) -> np.ndarray:
-    """mask (H, W) bool, not empty -> (4,) float32 ``x0, y0, x1, y1`` = min col, min row,
-    max col, max row (pixel indices, x1 / y1 inclusive)."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        raise MedfmError("tight_box: the mask is empty")
-    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float32)
 
 
 def innermost_point(mask: np.ndarray) -> np.ndarray:
@@ -458,8 +450,6 @@ def _evaluate_box3d(
     names: dict[int, str],
 ) -> tuple[dict, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """`_evaluate_case` with box3d prompts: each label's tight 3D box propagated."""
-    from medfm.seg.volume import propagate_box3d
-
     vol = volume_uint8(image.data.detach().cpu().numpy()[0])
     pred = {}
     for v in present:

@@ -17,9 +17,10 @@ from segment_anything.modeling import ImageEncoderViT, Sam
 
 from medfm.errors import MedfmError
 from medfm.io.atomic import atomic_path
+from medfm.seg.config import SegModelConfig
 from medfm.seg.models import VIT_SPECS, load_pretrained, spec_of
 
-__all__ = ["export_run", "export_sam_checkpoint", "official_name"]
+__all__ = ["export_notes", "export_run", "export_sam_checkpoint", "official_name"]
 
 
 def export_sam_checkpoint(model: Sam, path: str | os.PathLike) -> Path:
@@ -58,20 +59,21 @@ def export_run(model_dir: str | os.PathLike, out_path: str | os.PathLike) -> Pat
     model, config = load_pretrained(model_dir)
     if not isinstance(model.image_encoder, ImageEncoderViT):
         raise MedfmError(
-            f"{model_dir} holds a {config['model']} model; only the SAM ViT models (vit_b, vit_l, "
+            f"{model_dir} holds a {config.model} model; only the SAM ViT models (vit_b, vit_l, "
             "vit_h, medsam) export to segment-anything's format"
         )
     return export_sam_checkpoint(model, out_path)
 
 
-def export_notes(config: dict) -> list[str]:
+def export_notes(config: SegModelConfig | dict) -> list[str]:
     """What a medfm model folder's config.json adds to its weights, which a .pth cannot carry
-    (segment-anything's ``SamPredictor`` then predicts with the weights alone)."""
+    (segment-anything's ``SamPredictor`` then predicts with the weights alone). ``config``: a
+    `SegModelConfig`, or config.json's object (`medfm.seg.models.read_config`)."""
+    if isinstance(config, dict):
+        config = SegModelConfig.parse(config)
     notes = ["medfm's pixel-exact prompt mapping (SamPredictor: x * scale)"]
-    if config.get("mask_thresholds"):
-        notes.append(
-            f"the calibrated mask thresholds {config['mask_thresholds']} (SamPredictor: 0)"
-        )
-    if config.get("box_crop"):
+    if config.mask_thresholds:
+        notes.append(f"the calibrated mask thresholds {config.mask_thresholds} (SamPredictor: 0)")
+    if config.box_crop:
         notes.append("box masks cropped to their box (SamPredictor: uncropped)")
     return notes

@@ -31,21 +31,21 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from medfm.devices import parse_device
 from medfm.errors import MedfmError
+from medfm.io.weights import CONFIG_NAME, WEIGHTS_NAME
+from medfm.seg.boxes import box_region, check_boxes
 from medfm.seg.decoder import decode_rows
 from medfm.seg.models import (
-    CONFIG_NAME,
     SEG_MODELS,
-    WEIGHTS_NAME,
     build_model,
     load_pretrained,
-    read_config,
+    read_model_config,
     run_model_dir,
     weights_for,
 )
 from medfm.seg.prompts import resize_boxes, resize_points
 from medfm.seg.types import Prediction, to_rgb_uint8
 
-__all__ = ["Segmenter", "box_region", "medsam_input"]
+__all__ = ["Segmenter", "medsam_input"]
 
 _CHUNK = 64  # prompts per decoder call: each holds a copy of the 256x64x64 embedding
 
@@ -91,55 +91,6 @@ def medsam_input(rgb: np.ndarray, size: int = 1024) -> np.ndarray:
     return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)
 
 
-def _mask_thresholds(config: dict) -> dict[str, float]:
-    """A medfm model folder's config.json -> its calibrated logit thresholds per prompt kind
-    (``mask_thresholds``, written by `medfm.seg.calibrate`; {} when it has none)."""
-    given = config.get("mask_thresholds") or {}
-    ok = isinstance(given, dict) and all(
-        isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
-        for v in given.values()
-    )
-    if not ok:
-        raise MedfmError(
-            f"config.json's mask_thresholds must map prompt kinds to numbers, got {given!r}"
-        )
-    return {k: float(v) for k, v in given.items()}
-
-
-def box_region(boxes: np.ndarray | torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Boxes (N, 4) x0, y0, x1, y1 in pixels of a (height, width) image -> (N, height, width)
-    bool: the pixels each box covers, columns floor(x0)..ceil(x1) and rows floor(y0)..ceil(y1)
-    inclusive (a tight box's x1 / y1 is its last pixel; a fractional box keeps every pixel it
-    touches)."""
-    b = torch.as_tensor(np.asarray(boxes, dtype=np.float64)).reshape(-1, 4)
-    lo = b[:, :2].floor()
-    hi = b[:, 2:].ceil()
-    cols = torch.arange(width, dtype=b.dtype)
-    rows = torch.arange(height, dtype=b.dtype)
-    in_cols = (cols >= lo[:, :1]) & (cols <= hi[:, :1])  # (N, W)
-    in_rows = (rows >= lo[:, 1:]) & (rows <= hi[:, 1:])  # (N, H)
-    return in_rows[:, :, None] & in_cols[:, None, :]
-
-
-def _box_crop(config: dict) -> bool:
-    """A medfm model folder's config.json -> whether its box-prompted masks are cropped to
-    their box (``box_crop``, written by `medfm.seg.calibrate`; False when it does not say)."""
-    given = config.get("box_crop", False)
-    if not isinstance(given, bool):
-        raise MedfmError(f"config.json's box_crop must be true or false, got {given!r}")
-    return given
-
-
-def multimask_clicks(config: dict) -> bool:
-    """A medfm model folder's config.json -> whether single clicks get SAM's three outputs:
-    its ``multimask_clicks`` (an average of models, `medfm.seg.average`), else what its
-    training gave them (``train_config.prompt.multimask``); True when it does not say."""
-    if "multimask_clicks" in config:
-        return bool(config["multimask_clicks"])
-    prompt = (config.get("train_config") or {}).get("prompt") or {}
-    return bool(prompt.get("multimask", True))
-
-
 class Segmenter:
     """A SAM-style predictor (`medfm.seg.types.Predictor`) around a segment-anything ``Sam``.
 
@@ -176,7 +127,7 @@ class Segmenter:
             for official checkpoints, so that masks stay ``SamPredictor``'s); a medfm model
             folder's config.json may turn it on (``box_crop``, chosen by `medfm.seg.calibrate`
             on synthetic data). ``predict(..., box_crop=...)`` overrides it per call (MedSAM's
-            3D propagation does, see `medfm.seg.volume.propagate_box3d`). The low-resolution
+            3D propagation does, see `medfm.seg.propagate.propagate_box3d`). The low-resolution
             logits of a `Prediction` (fed back as ``mask_input``) are never cropped.
     """
 
@@ -239,16 +190,16 @@ class Segmenter:
             clicks, coords, crop = True, "medsam" if key == "medsam" else "sam", False
             thresholds: dict[str, float] = {}
             if weights is not None and (Path(weights) / CONFIG_NAME).is_file():
-                config = read_config(weights)
-                clicks, coords, crop = multimask_clicks(config), "pixel", _box_crop(config)
-                thresholds = _mask_thresholds(config)
+                config = read_model_config(weights)
+                clicks, coords, crop = config.click_multimask(), "pixel", bool(config.box_crop)
+                thresholds = config.thresholds()
             model = build_model(key, weights)
             return cls(
                 model, key, device, multimask_clicks=clicks, mirror=mirror, coords=coords,
                 mask_thresholds=thresholds, box_crop=crop,
             )  # fmt: skip
         folder = run_model_dir(name_or_dir)
-        if folder.is_dir() and (folder / "config.json").is_file():
+        if folder.is_dir() and (folder / CONFIG_NAME).is_file():
             if checkpoint is not None:
                 raise MedfmError(
                     f"{folder} is a model folder with its own weights; drop the checkpoint "
@@ -256,9 +207,9 @@ class Segmenter:
                 )
             model, config = load_pretrained(folder)
             return cls(
-                model, config["model"], device, multimask_clicks=multimask_clicks(config),
-                mirror=mirror, coords="pixel", mask_thresholds=_mask_thresholds(config),
-                box_crop=_box_crop(config),
+                model, config.model, device, multimask_clicks=config.click_multimask(),
+                mirror=mirror, coords="pixel", mask_thresholds=config.thresholds(),
+                box_crop=bool(config.box_crop),
             )  # fmt: skip
         raise MedfmError(
             f"{key!r} is neither a model name ({', '.join(SEG_MODELS)}) nor a medfm model folder "
@@ -330,6 +281,9 @@ class Segmenter:
         mask_input: np.ndarray | torch.Tensor | None = None,
         box_crop: bool | None = None,
         box: np.ndarray | torch.Tensor | None = None,
+        point_coords: np.ndarray | torch.Tensor | None = None,
+        point_labels: np.ndarray | torch.Tensor | None = None,
+        multimask_output: bool | None = None,
     ) -> Prediction:
         """N prompts on the image of `set_image` -> N masks.
 
@@ -343,6 +297,13 @@ class Segmenter:
             box_crop: keep each box-prompted mask inside its box; None: the segmenter's
                 ``box_crop``.
             box: another name for ``boxes`` (``predict(box=[x0, y0, x1, y1])``).
+            point_coords, point_labels, multimask_output: segment-anything's
+                ``SamPredictor.predict`` keywords: clicks (P, 2) x, y with labels (P,) as ONE
+                prompt (the same as ``points=point_coords[None], labels=point_labels[None]``),
+                and ``multimask`` under its other name. With ``box`` (4,) they make code
+                written for ``SamPredictor`` run unchanged: ``masks, scores, logits =
+                predict(...)`` unpacks the `Prediction`. Unlike ``SamPredictor``, a multimask
+                prompt returns the best-scoring mask only, and the outputs are torch tensors.
 
         Returns:
             Prediction(masks (N, H, W) bool, scores (N,) predicted IoU, logits (N, 256, 256)).
@@ -353,6 +314,10 @@ class Segmenter:
             if boxes is not None:
                 raise MedfmError(f"{self.name}: give box or boxes, not both")
             boxes = box
+        if point_coords is not None or point_labels is not None:
+            points, labels = self._one_prompt(point_coords, point_labels, points, labels)
+        if multimask_output is not None:
+            multimask = bool(multimask_output)
         if self._embedding is None:
             raise MedfmError(f"{self.name}: call set_image(image) before predict")
         if self._mirrored is None:
@@ -376,6 +341,25 @@ class Segmenter:
         )
         masks = prob > torch.sigmoid(torch.tensor(self.threshold_for(boxes)))
         return Prediction(masks=masks, scores=scores, logits=low_res)
+
+    def _one_prompt(
+        self, point_coords: object, point_labels: object, points: object, labels: object
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """SamPredictor's clicks (P, 2) and labels (P,) -> one prompt (1, P, 2), (1, P)."""
+        if points is not None or labels is not None:
+            raise MedfmError(
+                f"{self.name}: give point_coords / point_labels or points / labels, not both"
+            )
+        if point_coords is None or point_labels is None:
+            raise MedfmError(f"{self.name}: point_coords (P, 2) need point_labels (P,)")
+        p = _float_array(point_coords, "point_coords")
+        lab = _float_array(point_labels, "point_labels")
+        if p.ndim != 2 or p.shape[1] != 2 or lab.shape != p.shape[:1]:
+            raise MedfmError(
+                f"{self.name}: point_coords must be (P, 2) x, y with point_labels (P,), got "
+                f"{p.shape} and {lab.shape}"
+            )
+        return p[None], lab[None]
 
     def predict_logits(
         self,
@@ -635,31 +619,7 @@ class Segmenter:
         return (ih, iw), (oh, ow)
 
     def _check_boxes(self, boxes: object, height: int, width: int) -> np.ndarray:
-        b = _float_array(boxes, "boxes")
-        if b.shape == (4,):
-            b = b[None]
-        if b.ndim != 2 or b.shape[1] != 4:
-            raise MedfmError(f"{self.name}: boxes must be (N, 4) x0, y0, x1, y1, got {b.shape}")
-        if not np.isfinite(b).all():
-            raise MedfmError(f"{self.name}: boxes contain NaN or inf")
-        flipped = np.flatnonzero((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]))
-        if flipped.size:
-            i = int(flipped[0])
-            raise MedfmError(
-                f"{self.name}: box {i} {b[i].tolist()} has x1 < x0 or y1 < y0; "
-                "boxes are x0, y0, x1, y1 with x0 <= x1 and y0 <= y1"
-            )
-        outside = np.flatnonzero(
-            (b[:, 0] < 0) | (b[:, 1] < 0) | (b[:, 2] > width) | (b[:, 3] > height)
-        )
-        if outside.size:
-            i = int(outside[0])
-            raise MedfmError(
-                f"{self.name}: box {i} {b[i].tolist()} lies outside the {width} x {height} "
-                f"(W x H) image; boxes are x0, y0, x1, y1 pixels with 0 <= x <= {width} "
-                f"and 0 <= y <= {height}"
-            )
-        return b
+        return check_boxes(_float_array(boxes, "boxes"), height, width, who=self.name)
 
     def _check_points(
         self, points: object, labels: object, height: int, width: int

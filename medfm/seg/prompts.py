@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage
 
 from medfm.errors import MedfmError
+from medfm.seg.boxes import as_masks, box_extent, tight_boxes
 
 __all__ = [
     "PromptConfig",
@@ -38,7 +39,6 @@ __all__ = [
     "resize_points",
     "sample_points",
     "sample_prompts",
-    "tight_boxes",
 ]
 
 RefineMode = Literal["uniform", "center"]
@@ -58,34 +58,6 @@ def _randint(
     """Integers in [low, high] (both included), int64, on ``device``."""
     out = torch.randint(low, high + 1, shape, generator=generator, device=generator.device)
     return out.to(device)
-
-
-def _as_masks(masks: torch.Tensor, name: str = "masks") -> torch.Tensor:
-    """Check an ``(N, H, W)`` mask stack; bool or integer (non-zero = inside) -> bool."""
-    if not isinstance(masks, torch.Tensor):
-        raise MedfmError(f"{name} must be a torch tensor (N, H, W), got {type(masks).__name__}")
-    if masks.ndim != 3:
-        raise MedfmError(f"{name} must have shape (N, H, W), got {tuple(masks.shape)}")
-    if masks.dtype.is_floating_point or masks.dtype.is_complex:
-        raise MedfmError(
-            f"{name} must be bool (or integer 0/1), got {masks.dtype}; threshold first"
-        )
-    return masks if masks.dtype == torch.bool else masks != 0
-
-
-def _box_extent(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """masks (N, H, W) bool -> (boxes (N, 4) int64 xyxy, empty (N,) bool); empty rows hold
-    an inverted box (x0 = W, x1 = -1) that contains no pixel."""
-    _, h, w = masks.shape
-    rows = masks.any(dim=2)  # (N, H)
-    cols = masks.any(dim=1)  # (N, W)
-    ar_w = torch.arange(w, device=masks.device)
-    ar_h = torch.arange(h, device=masks.device)
-    x0 = torch.where(cols, ar_w, w).amin(dim=1)
-    x1 = torch.where(cols, ar_w, -1).amax(dim=1)
-    y0 = torch.where(rows, ar_h, h).amin(dim=1)
-    y1 = torch.where(rows, ar_h, -1).amax(dim=1)
-    return torch.stack([x0, y0, x1, y1], dim=1), ~rows.any(dim=1)
 
 
 def _sample_pixels(
@@ -131,7 +103,7 @@ def _edt_argmax(regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     index = torch.zeros(n, dtype=torch.long)
     if n:
         cpu = regions.cpu()  # scipy runs here: one copy, no per-row device reads
-        box, empty = _box_extent(cpu)
+        box, empty = box_extent(cpu)
         arr = cpu.numpy()
         rows = zip(box.tolist(), empty.tolist(), strict=True)
         for i, ((x0, y0, x1, y1), skip) in enumerate(rows):
@@ -176,26 +148,6 @@ def resize_boxes(boxes, sx: float, sy: float):
     out[:, 1, 0] += hx
     out[:, 1, 1] += hy
     return out.reshape(boxes.shape)
-
-
-# --------------------------------------------------------------------------- boxes
-
-
-def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """masks (N, H, W) bool -> boxes (N, 4) float32 xyxy: x0 = first column, y0 = first row,
-    x1 = last column, y1 = last row of the mask (SAM's continuous convention).
-
-    An empty mask raises `MedfmError` (it has no box).
-    """
-    masks = _as_masks(masks)
-    boxes, empty = _box_extent(masks)
-    if bool(empty.any()):
-        bad = torch.nonzero(empty).flatten()[:10].tolist()
-        raise MedfmError(
-            f"empty mask at index {bad}: a box needs at least one foreground pixel; "
-            "drop empty targets before prompting"
-        )
-    return boxes.float()
 
 
 def max_shift_for(input_size: int, at_1024: float = 20.0) -> float:
@@ -265,7 +217,7 @@ def sample_points(
     cannot be filled (a mask with fewer pixels than ``n_pos``, an empty mask, a band with too
     few background pixels) gets label -1 and point (0, 0): no point is repeated.
     """
-    masks = _as_masks(masks)
+    masks = as_masks(masks)
     if n_pos < 0 or n_neg < 0:
         raise MedfmError(f"n_pos and n_neg must be >= 0, got {n_pos}, {n_neg}")
     n, h, w = masks.shape
@@ -273,7 +225,7 @@ def sample_points(
     if band is not None:
         if band < 0:
             raise MedfmError(f"band must be >= 0 pixels, got {band}")
-        box, _ = _box_extent(masks)  # empty masks: inverted box, no band at all
+        box, _ = box_extent(masks)  # empty masks: inverted box, no band at all
         xs = torch.arange(w, device=masks.device)
         ys = torch.arange(h, device=masks.device)
         in_x = (xs >= box[:, 0, None] - band) & (xs <= box[:, 2, None] + band)  # (N, W)
@@ -301,7 +253,7 @@ def innermost_points(masks: torch.Tensor) -> torch.Tensor:
     boundary; the first in row-major order on a tie). Deterministic: the evaluation protocol's
     one positive click. An empty mask raises `MedfmError`. Runs scipy on the CPU.
     """
-    masks = _as_masks(masks)
+    masks = as_masks(masks)
     empty = ~masks.flatten(1).any(dim=1)
     if bool(empty.any()):
         bad = torch.nonzero(empty).flatten()[:10].tolist()
@@ -334,8 +286,8 @@ def refinement_clicks(
     Without any error the click is a positive one inside the target (uniform, or its innermost
     pixel); if the target is empty too, the click is padding: label -1 at (0, 0).
     """
-    pred = _as_masks(pred, "pred")
-    target = _as_masks(target, "target")
+    pred = as_masks(pred, "pred")
+    target = as_masks(target, "target")
     if pred.shape != target.shape:
         raise MedfmError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     n, _, w = target.shape
@@ -529,7 +481,7 @@ def sample_prompts(
     change with the box / point choice of the other rows.
     Empty masks raise `MedfmError`.
     """
-    masks = _as_masks(masks)
+    masks = as_masks(masks)
     n, h, w = masks.shape
     device = masks.device
     has_box = _rand((n,), generator, device) < cfg.box_prob

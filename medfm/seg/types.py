@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,6 +18,11 @@ class Prediction:
     masks: torch.Tensor
     scores: torch.Tensor
     logits: torch.Tensor | None = None
+
+    def __iter__(self) -> Iterator[torch.Tensor | None]:
+        """``masks, scores, logits = prediction``, as segment-anything's ``SamPredictor.predict``
+        returns them."""
+        return iter((self.masks, self.scores, self.logits))
 
 
 class Predictor(Protocol):

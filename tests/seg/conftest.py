@@ -108,7 +108,8 @@ def sets(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture
 def folder(tmp_path) -> Path:
     """A random medfm-tiny saved as a medfm model folder."""
-    from medfm.seg.models import build_medfm_tiny, save_pretrained
+    from medfm.seg.models import save_pretrained
+    from medfm.seg.tiny import build_medfm_tiny
 
     model = randomize_(build_medfm_tiny(), seed=3)
     return save_pretrained(model, tmp_path / "m", name="medfm-tiny")

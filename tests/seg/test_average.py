@@ -10,8 +10,9 @@ from medfm.cli.main import app
 from medfm.errors import MedfmError
 from medfm.recipe import load_recipe, run_recipe
 from medfm.seg.average import average_models
-from medfm.seg.models import build_medfm_tiny, load_pretrained, read_config, save_pretrained
+from medfm.seg.models import load_pretrained, read_config, save_pretrained
 from medfm.seg.predict import Segmenter
+from medfm.seg.tiny import build_medfm_tiny
 
 from .conftest import TINY_L_SPEC, TINY_SPEC, randomize_, tiny_sam
 from .test_predict import BOXES, LABELS, POINTS
@@ -41,7 +42,8 @@ def tiny_folder(path, seed, *, batches=0):
 def test_the_average_is_the_mean_of_every_weight(tmp_path):
     folders = [vit_folder(tmp_path / f"m{s}", seed=s) for s in (1, 2, 3)]
     out = average_models([str(f) for f in folders], tmp_path / "avg")
-    model, config = load_pretrained(out)
+    model, loaded = load_pretrained(out)
+    config = loaded.to_json()  # config.json's object
     states = [load_pretrained(f)[0].state_dict() for f in folders]
     for key, value in model.state_dict().items():
         want = (states[0][key].double() + states[1][key] + states[2][key]) / 3

@@ -6,7 +6,8 @@ import torch
 
 from medfm.errors import MedfmError
 from medfm.seg.baselines import BASELINES, BoxEllipse, BoxFill
-from medfm.seg.evaluate import evaluate, tight_box
+from medfm.seg.boxes import tight_box
+from medfm.seg.evaluate import evaluate
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -12,12 +12,13 @@ from typer.testing import CliRunner
 from medfm.cli.main import app
 from medfm.errors import MedfmError
 from medfm.seg import models
+from medfm.seg.boxes import box_region
 from medfm.seg.calibrate import calibrate, sweep_dice, threshold_dice
 from medfm.seg.evaluate import evaluate, load_predictor
 from medfm.seg.models import read_config
-from medfm.seg.predict import Segmenter, box_region
+from medfm.seg.predict import Segmenter
+from medfm.seg.propagate import propagate_box3d
 from medfm.seg.types import Prediction
-from medfm.seg.volume import propagate_box3d
 
 from .conftest import TINY_SPEC, tiny_sam
 from .test_predict import BOXES, LABELS, POINTS, H, W, _flip_prompts

@@ -106,7 +106,8 @@ def test_checkpoint_of_the_wrong_model_is_a_clear_error(png, tmp_path, write_tin
 
 
 def test_export_of_medfm_tiny_is_refused(tmp_path):
-    from medfm.seg.models import build_medfm_tiny, save_pretrained
+    from medfm.seg.models import save_pretrained
+    from medfm.seg.tiny import build_medfm_tiny
 
     save_pretrained(build_medfm_tiny(), tmp_path / "model", name="medfm-tiny")
     r = run("seg", "export", tmp_path, "--out", tmp_path / "x.pth")

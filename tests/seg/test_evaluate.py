@@ -16,13 +16,13 @@ from medfm.cli.seg import seg_app
 from medfm.errors import MedfmError
 from medfm.io import DatasetJson, Volume, write_case, write_dataset_json
 from medfm.seg.baselines import BoxEllipse, BoxFill
+from medfm.seg.boxes import tight_box
 from medfm.seg.evaluate import (
     evaluate,
     innermost_point,
     load_predictor,
     score_label,
     slice_prompts,
-    tight_box,
     write_report,
 )
 from medfm.seg.types import Prediction
@@ -122,23 +122,6 @@ class Oracle:
 
 
 # ----------------------------------------------------------------------------- prompts
-
-
-def test_tight_box_contains_the_mask_and_touches_it():
-    g = np.random.default_rng(0)
-    for _ in range(20):
-        mask = g.random((17, 23)) < 0.02
-        if not mask.any():
-            continue
-        x0, y0, x1, y1 = tight_box(mask).astype(int)
-        r, c = np.nonzero(mask)
-        assert (c >= x0).all() and (c <= x1).all() and (r >= y0).all() and (r <= y1).all()
-        assert (c == x0).any() and (c == x1).any() and (r == y0).any() and (r == y1).any()
-    one = np.zeros((5, 6), bool)
-    one[2, 4] = True
-    assert tight_box(one).tolist() == [4, 2, 4, 2]  # x1 is the last column, inclusive
-    with pytest.raises(MedfmError, match="empty"):
-        tight_box(np.zeros((3, 3), bool))
 
 
 def test_innermost_point_is_the_distance_transform_maximum():

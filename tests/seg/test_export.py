@@ -4,7 +4,8 @@ from segment_anything import sam_model_registry
 
 from medfm.errors import MedfmError
 from medfm.seg.export import export_run, export_sam_checkpoint, official_name
-from medfm.seg.models import SEG_MODELS, build_medfm_tiny, build_model, save_pretrained
+from medfm.seg.models import SEG_MODELS, build_model, save_pretrained
+from medfm.seg.tiny import build_medfm_tiny
 
 from .conftest import TINY_SPEC, tiny_sam
 

@@ -13,8 +13,6 @@ from medfm.seg.models import (
     SEG_MODELS,
     VIT_SPECS,
     SamSpec,
-    TinyImageEncoder,
-    build_medfm_tiny,
     build_model,
     build_sam_vit,
     load_pretrained,
@@ -22,6 +20,7 @@ from medfm.seg.models import (
     save_pretrained,
     spec_of,
 )
+from medfm.seg.tiny import TinyImageEncoder, build_medfm_tiny
 
 from .conftest import randomize_, tiny_sam
 
@@ -219,7 +218,7 @@ def test_save_load_pretrained_round_trip_vit(tmp_path, tiny_spec):
     assert config["model"] == "vit_b" and config["steps"] == 7 and config["medfm_version"]
     assert SamSpec(**{**config["spec"], "encoder_global_attn_indexes": (1,)}) == tiny_spec
     loaded, cfg = load_pretrained(folder)
-    assert cfg == config and spec_of(loaded) == tiny_spec and not loaded.training
+    assert cfg.to_json() == config and spec_of(loaded) == tiny_spec and not loaded.training
     assert_same_weights(loaded, model.state_dict())
     # a plain safetensors file, no pickle
     assert load_file(folder / "model.safetensors").keys() == model.state_dict().keys()
@@ -231,7 +230,7 @@ def test_save_load_pretrained_round_trip_medfm_tiny(tmp_path):
     model = randomize_(build_medfm_tiny(), seed=1)
     folder = save_pretrained(model, tmp_path / "tiny", name="medfm-tiny")
     loaded, config = load_pretrained(folder)
-    assert config["spec"] is None and config["model"] == "medfm-tiny"
+    assert config.spec is None and config.model == "medfm-tiny"
     assert_same_weights(loaded, model.state_dict())
     from_file = build_model("medfm-tiny", folder / "model.safetensors")
     assert_same_weights(from_file, model.state_dict())
@@ -319,7 +318,7 @@ def test_medfm_tiny_encoder_shape_size_and_speed():
 
 
 # ---------------------------------------------------------------------------------------------
-# medfm-tiny's fused inference path (medfm.seg.fused)
+# medfm-tiny's fused inference path (medfm.seg.tiny)
 
 
 def _random_encoder(seed: int) -> TinyImageEncoder:
@@ -343,7 +342,7 @@ def _module_path(enc, x):
 
 @pytest.mark.parametrize("onednn_ops", [True, False])  # oneDNN's fused conv ops, or torch's
 def test_fused_encoder_equals_modules(onednn_ops, monkeypatch):
-    import medfm.seg.fused as fused
+    import medfm.seg.tiny as fused
 
     if onednn_ops and not fused._onednn_pointwise(torch.zeros(1)):
         pytest.skip("this torch has no oneDNN convolution_pointwise ops")
@@ -392,7 +391,7 @@ def test_training_mode_keeps_the_modules_and_gradients():
 
 
 def test_fused_path_is_taken_on_the_cpu_only():
-    from medfm.seg.fused import use_fused
+    from medfm.seg.tiny import use_fused
 
     enc = _random_encoder(4)
     with torch.no_grad():

@@ -8,9 +8,10 @@ from segment_anything import SamPredictor
 from medfm.errors import MedfmError
 from medfm.seg import models
 from medfm.seg.export import export_sam_checkpoint
-from medfm.seg.models import build_medfm_tiny, build_sam_vit, save_pretrained
+from medfm.seg.models import build_sam_vit, save_pretrained
 from medfm.seg.predict import Segmenter
 from medfm.seg.prompts import resize_boxes, resize_points
+from medfm.seg.tiny import build_medfm_tiny
 from medfm.seg.types import Predictor, to_rgb_uint8
 
 from .conftest import TINY_SPEC, randomize_, tiny_sam
@@ -268,8 +269,8 @@ def test_cuda_matches_cpu(seg, image):
 def test_a_model_trained_with_one_output_for_clicks_keeps_it(tmp_path, monkeypatch):
     """train_config.prompt.multimask = False in config.json: single clicks get the single output
     in evaluation and volume prompting (the three outputs were not trained for them)."""
+    from medfm.seg.propagate import segment_slice
     from medfm.seg.types import click_multimask
-    from medfm.seg.volume import segment_slice
 
     train_config = {"prompt": {"multimask": False}}
     folder = save_pretrained(
@@ -367,3 +368,32 @@ def test_box_is_another_name_for_boxes(seg):
     torch.testing.assert_close(one.logits, seg.predict(boxes=BOXES[:1]).logits)
     with pytest.raises(MedfmError, match="not both"):
         seg.predict(box=BOXES[0], boxes=BOXES)
+
+
+def test_segment_anything_keywords_are_one_prompt(seg, sam_predictor):
+    """SamPredictor.predict's keywords: clicks (P, 2) + labels (P,) and a box (4,) are one
+    prompt, the same mask as the batched call; the Prediction unpacks as SamPredictor's tuple."""
+    for multimask in (False, True):
+        batched = seg.predict(points=POINTS[:1], labels=LABELS[:1], multimask=multimask)
+        masks, scores, logits = seg.predict(
+            point_coords=POINTS[0], point_labels=LABELS[0], multimask_output=multimask
+        )
+        assert masks.shape == (1, H, W) and scores.shape == (1,)
+        assert torch.equal(masks, batched.masks) and torch.equal(logits, batched.logits)
+        sam_masks, sam_scores, _ = sam_predictor.predict(
+            point_coords=POINTS[0], point_labels=LABELS[0], multimask_output=multimask
+        )
+        np.testing.assert_array_equal(masks[0].numpy(), sam_masks[int(np.argmax(sam_scores))])
+    masks, _, _ = seg.predict(box=BOXES[1], multimask_output=False)
+    assert torch.equal(masks, seg.predict(boxes=BOXES[1:2]).masks)
+    both = seg.predict(
+        point_coords=POINTS[0, :1], point_labels=LABELS[0, :1], box=BOXES[0], multimask_output=False
+    )
+    want = seg.predict(boxes=BOXES[:1], points=POINTS[:1, :1], labels=LABELS[:1, :1])
+    assert torch.equal(both.masks, want.masks)
+    with pytest.raises(MedfmError, match="not both"):
+        seg.predict(point_coords=POINTS[0], point_labels=LABELS[0], points=POINTS[:1])
+    with pytest.raises(MedfmError, match=r"point_coords \(P, 2\) need point_labels"):
+        seg.predict(point_coords=POINTS[0])
+    with pytest.raises(MedfmError, match=r"point_coords must be \(P, 2\)"):
+        seg.predict(point_coords=POINTS[:1], point_labels=LABELS[:1])

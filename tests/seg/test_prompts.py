@@ -4,6 +4,7 @@ import torch
 from pydantic import ValidationError
 
 from medfm.errors import MedfmError
+from medfm.seg.boxes import tight_boxes
 from medfm.seg.prompts import (
     PromptConfig,
     Prompts,
@@ -16,7 +17,6 @@ from medfm.seg.prompts import (
     resize_points,
     sample_points,
     sample_prompts,
-    tight_boxes,
 )
 
 H, W = 20, 30
@@ -65,21 +65,6 @@ def at(masks: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- boxes
-
-
-def test_tight_boxes_values_and_empty_error():
-    m = torch.zeros(3, H, W, dtype=torch.bool)
-    m[0, 2:5, 7:10] = True
-    m[1, 4, 6] = True
-    m[2] = True
-    boxes = tight_boxes(m)
-    assert boxes.dtype == torch.float32
-    assert boxes.tolist() == [[7, 2, 9, 4], [6, 4, 6, 4], [0, 0, W - 1, H - 1]]
-    m[1] = False
-    with pytest.raises(MedfmError, match=r"empty mask at index \[1\]"):
-        tight_boxes(m)
-    with pytest.raises(MedfmError, match="threshold"):
-        tight_boxes(m.float())
 
 
 def test_max_shift_for_scales_medsam():

@@ -11,26 +11,8 @@ import numpy as np
 import torch
 
 from medfm.errors import MedfmError
-from medfm.seg.evaluate import tight_box
-from medfm.seg.predict import box_region
+from medfm.seg.boxes import box_region, check_box, mask_box
 from medfm.seg.types import Predictor, click_multimask, to_rgb_uint8
-
-
-def _mask_box(mask: np.ndarray) -> np.ndarray | None:
-    """The tight box of a mask (`medfm.seg.evaluate.tight_box`), None when it is empty."""
-    return tight_box(mask) if mask.any() else None
-
-
-def check_box(box: np.ndarray, height: int, width: int) -> None:
-    """A 2D box (4,) xyxy must lie inside a (height, width) image with x0 <= x1, y0 <= y1."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    if x1 < x0 or y1 < y0:
-        raise MedfmError(f"box {box.tolist()} has x1 < x0 or y1 < y0; give x0,y0,x1,y1")
-    if x0 < 0 or y0 < 0 or x1 > width - 1 or y1 > height - 1:
-        raise MedfmError(
-            f"box {box.tolist()} lies outside the image (width {width}, height {height}); "
-            f"x must be in 0..{width - 1} and y in 0..{height - 1}"
-        )
 
 
 def segment_slice(
@@ -83,7 +65,7 @@ def propagate_box3d(predictor: Predictor, volume: np.ndarray, box3d: np.ndarray)
     for direction, stop in ((1, z1), (-1, z0)):
         prev = out[:, :, mid]
         for z in range(mid + direction, stop + direction, direction):
-            b = _mask_box(prev)
+            b = mask_box(prev)
             if b is None:
                 break
             if crop:

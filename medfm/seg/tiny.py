@@ -1,4 +1,12 @@
-"""medfm-tiny's image encoder at inference: the same function with folded weights, ~45% faster.
+"""medfm-tiny: a small image encoder of medfm's own under SAM's prompt encoder and mask decoder,
+and the encoder's inference path with folded weights.
+
+`TinyImageEncoder` maps a Bx3x256x256 normalised image to a Bx256x64x64 embedding, the shape of
+SAM's, so segment-anything's ``PromptEncoder`` and ``MaskDecoder`` run on it unchanged;
+`build_medfm_tiny` assembles the three into a ``Sam``.
+
+Fused inference
+---------------
 
 `TinyImageEncoder` runs `fused_forward` on CPU inputs when it and all its modules are in eval
 mode and no gradient is being recorded (`medfm seg embed`, `Segmenter.set_image`, evaluation).
@@ -33,18 +41,128 @@ The weights are folded in float64 and stored in the parameters' dtype and device
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling import PromptEncoder, Sam
+from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
 from medfm.kernels.conv import winograd_conv3x3, winograd_weights
+from medfm.seg.decoder import sam_mask_decoder
 
-if TYPE_CHECKING:
-    from medfm.seg.models import TinyImageEncoder
+__all__ = ["TinyImageEncoder", "build_medfm_tiny", "fold_batchnorm", "fused_forward", "use_fused"]
 
-__all__ = ["fold_batchnorm", "fused_forward", "use_fused"]
+
+def _conv_bn_act(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()
+    )
+
+
+class _ResBlock(nn.Module):
+    """x + pw(gelu(pw(bn(depthwise 3x3 conv, dilated)))): a MobileNet/ConvNeXt-style block."""
+
+    def __init__(self, channels: int, dilation: int = 1, ratio: int = 2) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(
+            channels, channels, 3, padding=dilation, dilation=dilation, groups=channels, bias=False
+        )
+        self.norm = nn.BatchNorm2d(channels)
+        self.pw1 = nn.Conv2d(channels, channels * ratio, 1)
+        self.act = nn.GELU()
+        self.pw2 = nn.Conv2d(channels * ratio, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pw2(self.act(self.pw1(self.norm(self.dw(x)))))
+
+
+class _GlobalAttention(nn.Module):
+    """One pre-norm transformer layer over all positions of a BxCxHxW map (global context)."""
+
+    def __init__(self, channels: int, num_heads: int = 8) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(
+            channels,
+            num_heads,
+            dim_feedforward=2 * channels,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.layer(x.flatten(2).transpose(1, 2))  # B x HW x C
+        return tokens.transpose(1, 2).reshape(b, c, h, w)
+
+
+class TinyImageEncoder(nn.Module):
+    """medfm-tiny's image encoder: Bx3x256x256 normalised image -> Bx256x64x64 embedding.
+
+    A small CNN with a feature pyramid: a strided stem to 64x64, depthwise-separable residual
+    blocks at 64x64 (64 channels), 32x32 (128) and 16x16 (192, dilations 1, 2, 4, 8, then one
+    global self-attention layer over the 256 positions), merged top-down onto 64x64 and finished
+    by a neck like SAM's (1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d) to 256 channels.
+    About 2.1 M parameters. On the CPU, in eval mode without gradients, it runs `fused_forward`
+    (BatchNorm folded into convolutions, the neck's LayerNorm into its 3x3 conv; the module
+    docstring), which gives the modules' result with less work. ``img_size`` is read by
+    ``Sam.preprocess`` (pads to it) and ``ResizeLongestSide``.
+    """
+
+    img_size = 256
+    fused = True  # False: always run the modules (see `use_fused`)
+
+    def __init__(self, widths: tuple[int, int, int, int] = (32, 64, 128, 192)) -> None:
+        super().__init__()
+        w0, w1, w2, w3 = widths
+        fuse = 128
+        self.stem = nn.Sequential(_conv_bn_act(3, w0, 2), _conv_bn_act(w0, w1, 2))  # 64x64
+        self.stage1 = nn.Sequential(_ResBlock(w1), _ResBlock(w1))
+        self.down2 = _conv_bn_act(w1, w2, 2)  # 32x32
+        self.stage2 = nn.Sequential(_ResBlock(w2), _ResBlock(w2))
+        self.down3 = _conv_bn_act(w2, w3, 2)  # 16x16
+        self.stage3 = nn.Sequential(*[_ResBlock(w3, dilation=d) for d in (1, 2, 4, 8)])
+        self.context = _GlobalAttention(w3)
+        self.lateral = nn.ModuleList([nn.Conv2d(c, fuse, 1) for c in (w1, w2, w3)])
+        self.neck = nn.Sequential(
+            nn.Conv2d(fuse, 256, kernel_size=1, bias=False),
+            LayerNorm2d(256),
+            nn.Conv2d(256, 256, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(256),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x Bx3x256x256 (normalised, padded) -> Bx256x64x64."""
+        if use_fused(self, x):
+            return fused_forward(self, x)
+        f1 = self.stage1(self.stem(x))
+        f2 = self.stage2(self.down2(f1))
+        f3 = self.context(self.stage3(self.down3(f2)))
+        y = self.lateral[2](f3)
+        for feat, lateral in ((f2, self.lateral[1]), (f1, self.lateral[0])):
+            y = lateral(feat) + F.interpolate(y, size=feat.shape[-2:], mode="nearest")
+        return self.neck(y)
+
+
+def build_medfm_tiny() -> Sam:
+    """medfm-tiny, randomly initialised: TinyImageEncoder + SAM's prompt encoder and mask decoder
+    at a 256x256 input (64x64 embedding, 256x256 low-resolution masks), eval mode."""
+    sam = Sam(
+        image_encoder=TinyImageEncoder(),
+        prompt_encoder=PromptEncoder(
+            embed_dim=256,
+            image_embedding_size=(64, 64),
+            input_image_size=(256, 256),
+            mask_in_chans=16,
+        ),
+        mask_decoder=sam_mask_decoder(256),
+    )
+    return sam.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# the fused inference path
 
 _CL = torch.channels_last
 _PLAN = "_medfm_fused_plan"
@@ -130,8 +248,8 @@ def _plan(encoder: TinyImageEncoder, size: tuple[int, int]) -> dict:
 def use_fused(encoder: nn.Module, x: torch.Tensor) -> bool:
     """True when the fused path gives the module's own result (eval mode, no gradients), the
     input is on the CPU, and the encoder's ``fused`` attribute is not False (set it False to
-    time or debug the modules). On an H200 the modules were faster (2.6 vs 2.85 ms median at
-    256 x 256, batch 1: cuDNN's convolutions, no gain from folding): CUDA runs the modules."""
+    time or debug the modules). On CUDA the modules run: cuDNN's convolutions gain nothing
+    from the folds (docs/benchmarks.md)."""
     return (
         getattr(encoder, "fused", True)
         and x.device.type == "cpu"
