@@ -15,7 +15,7 @@ the values):
   one `set_image` of a random uint8 image (256 x 256 for medfm-tiny, 1024 x 1024 for vit_b).
 - ``encoder_latency``: medfm-tiny's ``image_encoder`` on one 256 x 256 image under
   ``torch.inference_mode``, median and best of R runs (after 3 warm-up runs) in ms, for the
-  default fused path (`medfm.seg.fused`: folded weights) and for the modules themselves
+  default fused path (`medfm.seg.tiny`: folded weights) and for the modules themselves
   (``modules_*``). Target <= 50 ms (median) on 2 CPU cores.
 - ``tiny_train``: medfm-tiny's own `Engine.train_step` end to end (encoder trained, the
   recipe's last settings, bf16 autocast on CUDA) on synthetic images generated first: median
@@ -225,7 +225,7 @@ def prompts_bench(model: Sam, name: str, n_prompts: int, calls: int, device: tor
 
 def latency_bench(model: Sam, runs: int, device: torch.device) -> dict:
     """model.image_encoder on one (1, 3, 256, 256) input: median and best of ``runs``, ms, for
-    the default fused path (`medfm.seg.fused`) and, interleaved run by run so that both see the
+    the default fused path (`medfm.seg.tiny`) and, interleaved run by run so that both see the
     same machine load, for the modules themselves (``fused = False``)."""
     model.eval()
     enc = model.image_encoder

@@ -168,13 +168,13 @@ class Segmenter:
     @classmethod
     def from_pretrained(
         cls,
-        name_or_dir: str | os.PathLike,
+        name_or_dir: str | os.PathLike = "medfm-tiny",
         checkpoint: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
         *,
         mirror: bool = False,
     ) -> Segmenter:
-        """A name of ``SEG_MODELS`` (weights from ``checkpoint``, see `build_model`), a medfm
+        """The bundled medfm-tiny by default; else a name of ``SEG_MODELS`` (weights from ``checkpoint``, see `build_model`), a medfm
         model folder (config.json + model.safetensors), or a training run's folder (its
         ``model/``). ``mirror``: test-time mirroring (see the class). A medfm model folder
         (the bundled medfm-tiny, a training run) maps prompts with ``coords="pixel"``, an
