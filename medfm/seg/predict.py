@@ -174,12 +174,13 @@ class Segmenter:
         *,
         mirror: bool = False,
     ) -> Segmenter:
-        """The bundled medfm-tiny by default; else a name of ``SEG_MODELS`` (weights from ``checkpoint``, see `build_model`), a medfm
-        model folder (config.json + model.safetensors), or a training run's folder (its
-        ``model/``). ``mirror``: test-time mirroring (see the class). A medfm model folder
-        (the bundled medfm-tiny, a training run) maps prompts with ``coords="pixel"``, an
-        official ``.pth`` (or random weights) with segment-anything's ``"sam"``, and the
-        ``medsam`` name runs MedSAM's own pipeline (``"medsam"``)."""
+        """The bundled medfm-tiny by default; else a name of ``SEG_MODELS`` (weights from
+        ``checkpoint``, see `build_model`), a medfm model folder (config.json +
+        model.safetensors), or a training run's folder (its ``model/``). ``mirror``: test-time
+        mirroring (see the class). A medfm model folder (the bundled medfm-tiny, a training
+        run) maps prompts with ``coords="pixel"``, an official ``.pth`` (or random weights)
+        with segment-anything's ``"sam"``, and the ``medsam`` name runs MedSAM's own pipeline
+        (``"medsam"``)."""
         parse_device(device)  # before any weights are read
         key = str(name_or_dir)
         if key in SEG_MODELS:
