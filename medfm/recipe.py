@@ -36,8 +36,7 @@ from pydantic import (
 )
 
 from medfm import __version__
-from medfm.cli._common import validation_message
-from medfm.errors import MedfmError
+from medfm.errors import MedfmError, validation_message
 from medfm.seg.models import (
     BUNDLED_DIR,
     CONFIG_NAME,

@@ -1,6 +1,6 @@
-"""What several ``medfm`` commands share: the one-line handler of user errors, the translation
-of a pydantic validation error into one line, and the options declared by more than one
-command (``Annotated`` aliases; each command gives its own default)."""
+"""What several ``medfm`` commands share: the one-line handler of user errors and the options
+declared by more than one command (``Annotated`` aliases; each command gives its own default).
+A pydantic validation error becomes one line through `medfm.errors.validation_message`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Annotated, TypeVar
 
 import typer
-from pydantic import ValidationError
 
 from medfm.errors import MedfmError
 
@@ -23,7 +22,6 @@ __all__ = [
     "SeedOption",
     "ThresholdOption",
     "user_errors",
-    "validation_message",
 ]
 
 F = TypeVar("F", bound=Callable)
@@ -48,24 +46,6 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def validation_message(error: ValidationError, *, as_option: bool = False) -> str:
-    """The first problem of a pydantic validation as one line, ``WHERE: WHAT``.
-
-    WHERE is the field's location, dotted (``steps.0.train.stepz``), or as a command-line
-    option (``--grad-clip``) with ``as_option``; it is left out for a problem of the whole
-    model (a check across fields). WHAT is pydantic's message less its "Value error, " prefix."""
-    err = error.errors()[0]
-    loc = [str(part) for part in err["loc"]]
-    if not loc:
-        where = ""
-    elif as_option:
-        where = "--" + "-".join(loc).replace("_", "-")
-    else:
-        where = ".".join(loc)
-    what = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {what}" if where else what
 
 
 DeviceOption = Annotated[str, typer.Option("--device", help="cpu or cuda.")]

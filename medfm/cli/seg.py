@@ -18,9 +18,8 @@ from medfm.cli._common import (
     SeedOption,
     ThresholdOption,
     user_errors,
-    validation_message,
 )
-from medfm.errors import MedfmError
+from medfm.errors import MedfmError, validation_message
 
 seg_app = typer.Typer(
     help="SAM segmentation: evaluate models and baselines on real data with box / point prompts.",

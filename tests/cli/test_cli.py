@@ -116,7 +116,7 @@ def test_preview_command(tmp_path):
 def test_validation_errors_become_one_line():
     from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-    from medfm.cli._common import validation_message
+    from medfm.errors import validation_message
 
     class Inner(BaseModel):
         model_config = ConfigDict(extra="forbid")
