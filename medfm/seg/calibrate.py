@@ -38,7 +38,7 @@ __all__ = ["DEFAULT_GRID", "calibrate", "sweep_dice", "threshold_dice"]
 
 DEFAULT_GRID = (-8.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0)
 """Logit thresholds tried by default (sigmoid: 0.00034 .. 0.73). Below -4 since box masks
-cropped to their box chose the grid's lowest value (README)."""
+cropped to their box chose the grid's lowest value (docs/models/medfm-tiny.md)."""
 
 
 def threshold_dice(

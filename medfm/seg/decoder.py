@@ -71,8 +71,8 @@ def upscaled_masks(
     convolution is one matrix product to its four sub-pixels' channels, the LayerNorm2d a
     layer norm over the last axis, and the 4x4 blocks are laid out as an image only in the
     K-channel masks, not in the (N, C/8, 4h, 4w) features. Same values and gradients as the
-    modules (float rounding; tested), ~2x faster forward + backward on the CPU, where the
-    modules' channels-last GELU backward and large layout copies dominated the decoder.
+    modules (float rounding; tested), and faster on the CPU, where the modules' channels-last
+    GELU backward and large layout copies dominated the decoder (docs/benchmarks.md).
     """
     ct1, norm, act1, ct2, act2 = upscaling
     n, hw, c = src.shape
