@@ -13,6 +13,7 @@ from medfm.recipe import AverageStep, CalibrateStep, TrainStep, load_recipe
 from medfm.seg.evaluate import evaluate
 from medfm.seg.models import BUNDLED_DIR, build_architecture, build_model
 from medfm.seg.predict import Segmenter
+from medfm.seg.train import TrainConfig
 from medfm.synth.dataset import generate_dataset
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "medfm_tiny.yaml"
@@ -35,8 +36,9 @@ def test_bundled_weights_are_the_recipes_and_small():
     trains = {s.train.out: s.train for s in steps if isinstance(s, TrainStep)}
     average = [s.average for s in steps if isinstance(s, AverageStep)][-1]
     assert [a["folder"] for a in config["averaged_from"]] == list(average.models)
-    assert [a["train_config"] for a in config["averaged_from"]] == [
-        json.loads(trains[m.removesuffix("/model")].model_dump_json()) for m in average.models
+    # (read as TrainConfig: settings added since, e.g. the engine's accumulate, take defaults)
+    assert [TrainConfig.model_validate(a["train_config"]) for a in config["averaged_from"]] == [
+        trains[m.removesuffix("/model")] for m in average.models
     ]
     assert config["multimask_clicks"] is False  # single clicks: SAM's single output
     # ... and the recipe calibrated that folder
