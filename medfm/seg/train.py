@@ -416,9 +416,6 @@ class SegTask(Task):
         if not cfg.train_encoder:
             self._fill_cache()
 
-    def engine_config(self) -> EngineConfig:
-        return engine_config(self.cfg)
-
     def compile(self) -> None:
         # TorchInductor, the image encoder only (the decoder runs through `decode_rows`, whose
         # graph changes with every number of prompts). Automatic dynamic shapes: dynamic=True
