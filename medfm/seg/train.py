@@ -155,9 +155,11 @@ def lowres_label(label: torch.Tensor, image_size: int) -> torch.Tensor:
     return x.to(torch.uint8)
 
 
-def load_training_data(folders: tuple[str, ...] | list[str], image_size: int) -> TrainData:
-    """Read every case of several 2D nnU-Net folders (synthetic, diffusion-made or real)."""
-    images, labels, names = [], [], []
+def check_training_data(folders: tuple[str, ...] | list[str]) -> None:
+    """Each folder is a 2D nnU-Net dataset (its dataset.json read and checked): the check
+    `train` makes before it writes anything."""
+    if not folders:
+        raise MedfmError("give at least one --data folder")
     for folder in folders:
         meta = read_dataset_json(folder)
         if meta.file_ending != ".png":
@@ -165,10 +167,24 @@ def load_training_data(folders: tuple[str, ...] | list[str], image_size: int) ->
                 f"{folder}: training reads 2D .png datasets, this one is {meta.file_ending}; "
                 "generate 2D data with medfm synth generate --dim 2"
             )
+
+
+def load_training_data(folders: tuple[str, ...] | list[str], image_size: int) -> TrainData:
+    """Read every case of several 2D nnU-Net folders (synthetic, diffusion-made or real)."""
+    check_training_data(folders)
+    images, labels, names = [], [], []
+    for folder in folders:
+        named = set(read_dataset_json(folder).labels.values())
         for case, image, label in iter_dataset(folder):
             lab = label.data[0].long()
             if int(lab.max()) == 0:
                 continue  # nothing to prompt
+            unknown = sorted(set(torch.unique(lab).tolist()) - named)
+            if unknown:
+                raise MedfmError(
+                    f"{folder}: case {case} holds label values {unknown} that dataset.json "
+                    "does not name"
+                )
             images.append(to_rgb_uint8(image.data))
             labels.append(lowres_label(lab, image_size))
             names.append(f"{Path(folder).name}/{case}")
@@ -585,6 +601,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None, progress=None) ->
     """Train (or resume) a run; returns the final model folder. The run folder is locked for
     the run (rank 0 holds the lock under torchrun)."""
     dist = setup_distributed(parse_device(cfg.device))
+    check_training_data(cfg.data)  # a refused run writes nothing
     with RunLock(cfg.out, log=log) if dist.main else contextlib.nullcontext():
         if dist.main:
             prepare_run(cfg, resume=resume)

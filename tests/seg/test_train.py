@@ -583,3 +583,18 @@ def test_a_second_training_on_the_same_folder_is_refused_naming_the_holder(synth
         "wait for it to finish or use another --out"
     ]
     assert not (run / "train_config.json").exists()  # nothing written for the refused run
+
+
+def test_a_refused_run_writes_nothing_and_unnamed_labels_are_refused(synth, tmp_path):
+    with pytest.raises(MedfmError, match="does not exist; is .*nope an nnU-Net"):
+        train(_cfg(tmp_path / "nope", tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(synth, bad)
+    meta = json.loads((bad / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "one": 1}  # the cases hold more labels than that
+    (bad / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(MedfmError, match=r"label values \[.*\] that dataset.json does not name"):
+        train(_cfg(bad, tmp_path / "out2"))
