@@ -16,9 +16,9 @@ from medfm.engine.checkpoint import (
 from medfm.engine.config import EngineConfig
 from medfm.engine.distributed import Dist, setup_distributed
 from medfm.engine.ema import EMA
-from medfm.engine.lock import RunLock
 from medfm.engine.loop import Engine, NonFiniteLoss, Task
 from medfm.engine.schedule import lr_factor, step_generator
+from medfm.io.lock import RunLock
 
 __all__ = [
     "EMA",

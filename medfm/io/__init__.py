@@ -10,6 +10,7 @@ from medfm.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text, 
 from medfm.io.dataset import write_dataset
 from medfm.io.dicom import read_dicom_series
 from medfm.io.files import load_volume, save_volume
+from medfm.io.lock import LOCK_NAME, RunLock
 from medfm.io.nifti import read_nifti, write_nifti
 from medfm.io.nnunet import (
     DatasetJson,
@@ -25,7 +26,9 @@ from medfm.io.png import read_image, read_png, write_png
 from medfm.io.volume import Volume, resample_volume
 
 __all__ = [
+    "LOCK_NAME",
     "DatasetJson",
+    "RunLock",
     "Volume",
     "atomic_path",
     "atomic_write_bytes",

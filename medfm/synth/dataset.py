@@ -27,7 +27,9 @@ from pydantic import BaseModel, ConfigDict
 from medfm.devices import parse_device
 from medfm.errors import MedfmError
 from medfm.io import (
+    LOCK_NAME,
     DatasetJson,
+    RunLock,
     Volume,
     atomic_write_text,
     case_complete,
@@ -267,6 +269,32 @@ def generate_dataset(
     if out.exists() and not out.is_dir():
         raise MedfmError(f"--out {out} exists and is not a folder")
 
+    # one writer per folder, or per shard of it: a second run is refused while one runs
+    lock_name = LOCK_NAME if n_shards == 1 else f"{LOCK_NAME}-shard-{k}-of-{n_shards}"
+    try:
+        lock = RunLock(out, name=lock_name).acquire()
+    except OSError as e:
+        raise MedfmError(f"cannot write to {out}: {e.strerror or e}") from None
+    try:
+        return _generate(out, spec, k, n_shards, dev, device, batch, workers, preview, progress)
+    finally:
+        lock.release()
+
+
+def _generate(
+    out: Path,
+    spec: RunSpec,
+    k: int,
+    n_shards: int,
+    dev: torch.device,
+    device: str,
+    batch: int,
+    workers: int,
+    preview: bool,
+    progress: Callable[[int], None] | None,
+) -> GenerateReport:
+    """`generate_dataset`'s work, with ``out`` locked."""
+    n = spec.n
     run_file = out / RUN_FILE
     spec_text = spec.model_dump_json(indent=2)
     if run_file.exists():
@@ -280,7 +308,7 @@ def generate_dataset(
                 f"{out} holds a dataset made with different arguments ({', '.join(diff)}); "
                 "rerun with the same arguments to resume, or use a new --out"
             )
-    elif out.exists() and any(p.name != ".DS_Store" for p in out.iterdir()):
+    elif any(p.name != ".DS_Store" and not p.name.startswith(LOCK_NAME) for p in out.iterdir()):
         raise MedfmError(
             f"--out {out} is not empty and was not made by medfm synth; use a new folder"
         )

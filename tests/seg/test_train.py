@@ -563,7 +563,7 @@ def test_a_second_training_on_the_same_folder_is_refused_naming_the_holder(synth
     run = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from medfm.engine import RunLock\n"
+         "import sys, time; from medfm.io import RunLock\n"
          "with RunLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(run)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -42,9 +42,17 @@ def _read(path: Path) -> dict | None:
 class RunLock:
     """Context manager holding ``folder/.lock`` (the folder is created)."""
 
-    def __init__(self, folder: str | os.PathLike, *, log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        *,
+        log: Callable[[str], None] | None = None,
+        name: str = LOCK_NAME,
+    ) -> None:
+        """``name``: the lock file's name, for writers that may share a folder in parts (the
+        shards of one dataset each take their own)."""
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder / name
         self.log = log or (lambda msg: None)
         self.me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         self.held = False
@@ -87,7 +95,7 @@ class RunLock:
                 "another --out"
             )
         # stale: rename it away first, so that of two processes taking it over one wins
-        stale = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
+        stale = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
         try:
             os.replace(self.path, stale)
         except FileNotFoundError:

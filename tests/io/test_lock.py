@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from medfm.engine import RunLock
 from medfm.errors import MedfmError
+from medfm.io import RunLock
 
 
 def _dead_pid() -> int:
@@ -21,7 +21,7 @@ def _dead_pid() -> int:
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from medfm.engine import RunLock\n"
+         "import sys, time; from medfm.io import RunLock\n"
          "with RunLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
          str(tmp_path / "run")],
         stdout=subprocess.PIPE, text=True,
