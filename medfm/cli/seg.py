@@ -124,8 +124,9 @@ def seg_calibrate(
     """Choose the mask threshold of each prompt kind (and whether box-prompted masks are
     cropped to their box) on synthetic data (never the real sets)."""
     from medfm.seg.calibrate import DEFAULT_GRID, calibrate
+    from medfm.seg.segment import parse_numbers
 
-    thresholds = DEFAULT_GRID if grid is None else _numbers(grid, "--grid")
+    thresholds = DEFAULT_GRID if grid is None else parse_numbers(grid, "--grid")
     prompts = tuple(prompt) if prompt else ("box", "point")
     crops = (False,) if no_box_crop else (False, True)
     calibrate(model, data, prompts, thresholds, device=device, log=typer.echo, box_crop=crops)
@@ -274,13 +275,6 @@ def seg_embed(
         images, lambda batch: encode_images(sam, batch, dev), log=lambda m: typer.echo(m, err=True)
     )
     typer.echo(f"{len(images)} images embedded in {cache} ({store.stats()})")
-
-
-def _numbers(text: str, what: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise MedfmError(f"{what} {text!r} must be comma-separated numbers") from None
 
 
 @seg_app.command("predict")

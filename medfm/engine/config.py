@@ -21,7 +21,7 @@ class EngineConfig(BaseModel):
       `Task.compile` (torch.compile).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     out: str
     steps: int = Field(ge=1)

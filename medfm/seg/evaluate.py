@@ -44,6 +44,7 @@ Protocol
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -57,6 +58,7 @@ from medfm.errors import MedfmError
 from medfm.io import atomic_write_text, iter_dataset, list_cases, read_dataset_json, write_png
 from medfm.seg.baselines import BASELINES
 from medfm.seg.boxes import tight_box
+from medfm.seg.models import SEG_MODELS, weights_for
 from medfm.seg.propagate import propagate_box3d
 from medfm.seg.types import Predictor, click_multimask, to_rgb_uint8
 
@@ -217,7 +219,15 @@ def load_predictor(
     mirror=mirror)`` (``mirror``: test-time mirroring; baselines have none). ``mask_threshold``:
     the logit threshold of every prompt kind, instead of the model's (`medfm.seg.calibrate`).
     ``box_crop``: whether box-prompted masks are kept inside their box, instead of the model's
-    setting (`Segmenter`'s ``box_crop``)."""
+    setting (`Segmenter`'s ``box_crop``). A zoo model with no weights to load (``vit_b``
+    without ``checkpoint``) is refused: its masks would come from random weights."""
+    if mask_threshold is not None and not math.isfinite(mask_threshold):
+        raise MedfmError(f"--mask-threshold must be a finite number, got {mask_threshold}")
+    if name in SEG_MODELS and weights_for(name, checkpoint) is None:
+        raise MedfmError(
+            f"--model {name} has no weights to predict with: pass its official checkpoint with "
+            "--checkpoint (random weights give random masks)"
+        )
     if name in BASELINES:
         if checkpoint is not None:
             raise MedfmError(f"the {name} baseline takes no checkpoint; drop --checkpoint")

@@ -392,7 +392,7 @@ class PromptConfig(BaseModel):
       single output.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     box_prob: float = Field(0.5, ge=0.0, le=1.0)
     max_shift: float = Field(20.0, ge=0.0)

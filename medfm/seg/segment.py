@@ -19,6 +19,7 @@ evaluation does. The label map keeps the image's affine.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,11 +56,26 @@ class Segmentation:
 
 
 def parse_numbers(text: str, what: str) -> list[float]:
-    """``"1,2.5,3"`` -> [1.0, 2.5, 3.0]; MedfmError naming ``what`` (e.g. "--box") otherwise."""
+    """``"1,2.5,3"`` -> [1.0, 2.5, 3.0]; MedfmError naming ``what`` (e.g. "--box") for
+    anything else, NaN and infinities included."""
     try:
-        return [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError:
         raise MedfmError(f"{what} {text!r} must be comma-separated numbers") from None
+    _check_finite(values, what, text)
+    return values
+
+
+def _check_finite(values: list[float], what: str, text: str) -> None:
+    if not all(math.isfinite(v) for v in values):
+        raise MedfmError(f"{what} {text!r} must be finite numbers (no nan or inf)")
+
+
+def _whole(value: float, what: str, text: str) -> int:
+    """A slice index or a click's label: a whole number, never rounded."""
+    if value != int(value):
+        raise MedfmError(f"{what} {text!r}: {value:g} must be a whole number")
+    return int(value)
 
 
 def _numbers(prompt: Prompt, what: str) -> tuple[list[float], str]:
@@ -67,7 +83,9 @@ def _numbers(prompt: Prompt, what: str) -> tuple[list[float], str]:
     if isinstance(prompt, str):
         return parse_numbers(prompt, what), prompt
     values = [float(v) for v in np.asarray(prompt, dtype=np.float64).reshape(-1)]
-    return values, ",".join(f"{v:g}" for v in values)
+    text = ",".join(f"{v:g}" for v in values)
+    _check_finite(values, what, text)
+    return values, text
 
 
 def _check_prompts(boxes: Sequence[Prompt] | None, points: Sequence[Prompt] | None) -> None:
@@ -107,8 +125,10 @@ def segment_image(
             want = "x,y,k[,label]" if three_d else "x,y[,label]"
             raise MedfmError(f"--point {text!r} must be {want}")
         x, y = v[0], v[1]
-        k = int(v[2]) if three_d else 0
-        lab = int(v[n_xy]) if len(v) > n_xy else 1
+        k = _whole(v[2], "--point", text) if three_d else 0
+        lab = _whole(v[n_xy], "--point", text) if len(v) > n_xy else 1
+        if lab not in (0, 1):
+            raise MedfmError(f"--point {text!r}: the label is 1 (positive) or 0 (negative)")
         if not (0 <= x < w and 0 <= y < h) or (three_d and not 0 <= k < depth):
             raise MedfmError(f"--point {text!r} lies outside the image")
         groups.setdefault(k, []).append((x, y, lab))
@@ -129,10 +149,11 @@ def _box_mask(
     v, text = _numbers(prompt, "--box")
     h, w = pixels.shape[:2]
     if three_d and len(v) == 6:
+        _whole(v[4], "--box", text), _whole(v[5], "--box", text)  # slices, never rounded
         return propagate_box3d(predictor, pixels, np.array(v, np.float32))
     if three_d and len(v) == 5:
         depth = pixels.shape[2]
-        k = int(v[4])
+        k = _whole(v[4], "--box", text)
         if not 0 <= k < depth:
             raise MedfmError(f"--box slice {k} is outside 0..{depth - 1}")
         b = np.array(v[:4], np.float32)
@@ -176,6 +197,8 @@ def segment_file(
     image, out = Path(image), Path(out)
     if not image.is_file():
         raise MedfmError(f"image {image} not found")
+    if out.resolve() == image.resolve():
+        raise MedfmError(f"--out {out} is the input image; write the mask to another file")
     is_nifti = image.name.lower().endswith((".nii", ".nii.gz"))
     vol = read_nifti(image) if is_nifti else read_image(image)
     three_d = vol.ndim == 3

@@ -86,7 +86,7 @@ class TrainConfig(EngineConfig):
     warmup, clipping, checkpoints, seed, device, ...) and SAM's; saved as
     OUT/train_config.json and checked on resume."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     model: str = "medfm-tiny"
     checkpoint: str | None = None

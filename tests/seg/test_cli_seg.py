@@ -152,3 +152,42 @@ def test_train_on_empty_masks_is_a_clear_error(tmp_path):
                    ".png")  # fmt: skip
     r = run("seg", "train", "--data", data, "--out", tmp_path / "run", "--steps", "1")
     assert r.exit_code == 2 and "no labelled cases" in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--box", "nan,1,5,5"], "--box 'nan,1,5,5' must be finite numbers"),
+        (["--point", "3,inf"], "--point '3,inf' must be finite numbers"),
+        (["--point", "3,4,2"], "the label is 1 (positive) or 0 (negative)"),
+        (["--point", "3,4,0.5"], "0.5 must be a whole number"),
+        (["--box", "1,1,5,5", "--mask-threshold", "nan"], "--mask-threshold must be a finite"),
+    ],
+)
+def test_predict_refuses_numbers_that_are_not_what_they_must_be(png, tmp_path, args, message):
+    out = tmp_path / "mask.png"
+    r = run("seg", "predict", "-i", png, "-o", out, *args)
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_predict_refuses_fractional_slices_its_own_input_and_random_weights(nifti, png):
+    path, _ = nifti
+    out = path.with_name("mask.nii.gz")
+    for box in ("15,10,29,19,3.5", "15,10,29,19,3,8.2"):
+        r = run("seg", "predict", "-m", "box-fill", "-i", path, "--box", box, "-o", out)
+        assert r.exit_code == 2 and "must be a whole number" in r.output, r.output
+    before = png.read_bytes()
+    r = run("seg", "predict", "-m", "box-fill", "-i", png, "--box", "1,1,5,5", "-o", png)
+    assert r.exit_code == 2 and "is the input image" in r.output
+    assert png.read_bytes() == before
+    r = run("seg", "predict", "-m", "vit_b", "-i", png, "--box", "1,1,5,5", "-o", out)
+    assert r.exit_code == 2 and "--model vit_b has no weights" in r.output, r.output
+
+
+def test_calibrate_and_train_refuse_nan_and_inf(tmp_path):
+    r = run("seg", "calibrate", tmp_path, "--data", tmp_path, "--grid", "-1,nan")
+    assert r.exit_code == 2 and "--grid '-1,nan' must be finite numbers" in r.output, r.output
+    r = run("seg", "train", "--data", tmp_path, "--out", tmp_path / "run", "--lr", "inf")
+    assert r.exit_code == 2 and "--lr: Input should be a finite number" in r.output, r.output
+    assert not (tmp_path / "run").exists()
