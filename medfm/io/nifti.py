@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 import zlib
 from pathlib import Path
 
@@ -88,10 +89,32 @@ def read_nifti(path: str | os.PathLike) -> Volume:
             "or corrupt, write it again"
         ) from None
     arr = arr.reshape(spatial)
+    if arr.dtype.kind == "f":
+        arr = _finite(arr, path)
     if arr.dtype.byteorder not in ("=", "|"):
         arr = arr.astype(arr.dtype.newbyteorder("="))
     data = torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(0)
     return Volume(data=data, affine=img.affine)
+
+
+def _finite(arr: np.ndarray, path: Path) -> np.ndarray:
+    """NaN or infinite voxels (common in real exports) replaced by a fixed rule, with a
+    warning naming how many: NaN and -inf become the image's lowest finite value, +inf its
+    highest. An image with no finite voxel is refused."""
+    bad = ~np.isfinite(arr)
+    n = int(bad.sum())
+    if n == 0:
+        return arr
+    if n == arr.size:
+        raise MedfmError(f"{path}: all {n} voxels are NaN or infinite; there is no image in it")
+    finite = arr[~bad]
+    lo, hi = float(finite.min()), float(finite.max())
+    warnings.warn(
+        f"{path}: {n} of {arr.size} voxels are NaN or infinite; NaN and -inf were set to the "
+        f"image's lowest finite value ({lo:g}), +inf to its highest ({hi:g})",
+        stacklevel=3,
+    )
+    return np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
 
 
 def _integer_dtype_for(arr: np.ndarray) -> np.dtype:

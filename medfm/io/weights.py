@@ -90,13 +90,14 @@ def read_state_dict(
         raise MedfmError(f"checkpoint {path} does not exist; check the path")
     if path.suffix == ".safetensors":
         try:
-            return load_file(path, device="cpu")
+            state = load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
             reason = " ".join(str(e).split())[:160]
             raise MedfmError(
                 f"cannot read {path} as a safetensors file ({type(e).__name__}: {reason}); "
                 "is the file complete?"
             ) from None
+        return _finite(state, path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load fails on a damaged file with many exception types
@@ -111,7 +112,19 @@ def read_state_dict(
             f"cannot read checkpoint {path} ({type(e).__name__}: {reason}); is the file complete "
             "and a PyTorch checkpoint?"
         ) from None
-    return _unwrap(obj, path, hint)
+    return _finite(_unwrap(obj, path, hint), path)
+
+
+def _finite(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """``state``, refused if a floating-point weight holds NaN or infinite values (a diverged
+    run's weights give masks or samples of nothing)."""
+    for key, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise MedfmError(
+                f"{path}: weight {key} holds NaN or infinite values; these weights are damaged "
+                "(a diverged training run?) and are not loaded"
+            )
+    return state
 
 
 def save_weights(

@@ -127,3 +127,19 @@ def test_write_refuses_multichannel_and_wrong_name(tmp_path):
     with pytest.raises(MedfmError, match=r"\.nii"):
         write_nifti(Volume(torch.zeros(1, 4, 5), np.eye(4)), tmp_path / "x.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_and_infinite_voxels_follow_a_stated_rule_or_are_refused(tmp_path):
+    arr = np.arange(24, dtype=np.float32).reshape(2, 3, 4) + 10.0
+    arr[0, 0, 0], arr[0, 0, 1], arr[1, 2, 3] = np.nan, -np.inf, np.inf
+    path = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), path)
+    with pytest.warns(UserWarning, match=r"3 of 24 voxels are NaN or infinite.*\(12\).*\(32\)"):
+        vol = read_nifti(path)
+    out = vol.data[0].numpy()
+    assert np.isfinite(out).all()
+    assert out[0, 0, 0] == out[0, 0, 1] == 12.0 and out[1, 2, 3] == 32.0
+    assert np.array_equal(out[np.isfinite(arr)], arr[np.isfinite(arr)])  # the rest unchanged
+    nib.save(nib.Nifti1Image(np.full((2, 3), np.nan, np.float32), np.eye(4)), path)
+    with pytest.raises(MedfmError, match="all 6 voxels are NaN or infinite"):
+        read_nifti(path)

@@ -86,3 +86,17 @@ def test_errors_are_one_line(tmp_path):
 def test_few_keys():
     assert few_keys(["a", "b"]) == "a, b"
     assert few_keys(["a", "b", "c", "d", "e"]) == "a, b, c and 2 more"
+
+
+def test_weights_with_nan_or_inf_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    good = {"a.weight": torch.ones(2, 3), "steps": torch.tensor([3])}
+    for ending, value in ((".safetensors", float("nan")), (".pth", float("inf"))):
+        bad = {**good, "b.bias": torch.tensor([0.0, value])}
+        path = tmp_path / f"w{ending}"
+        save_file(bad, str(path)) if ending == ".safetensors" else torch.save(bad, path)
+        with pytest.raises(MedfmError, match=r"weight b.bias holds NaN or infinite values"):
+            read_state_dict(path)
+    save_file(good, str(tmp_path / "ok.safetensors"))
+    assert read_state_dict(tmp_path / "ok.safetensors").keys() == good.keys()
