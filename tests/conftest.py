@@ -1,6 +1,8 @@
 import multiprocessing
 import multiprocessing.dummy
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -52,3 +54,26 @@ def nnunet_verify(monkeypatch, tmp_path):
     )
     monkeypatch.setattr(nnunet_utils, "Pool", multiprocessing.dummy.Pool)
     return lambda folder: vdi.verify_dataset_integrity(str(folder), num_processes=1)
+
+
+@pytest.fixture
+def lock_holder():
+    """``hold(folder)``: a process that holds ``medfm.io.RunLock`` on ``folder`` (once it
+    returns) until it is killed, by the test or at teardown."""
+    procs = []
+
+    def hold(folder) -> subprocess.Popen:
+        script = (
+            "import sys, time; from medfm.io import RunLock\n"
+            "with RunLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", script, str(folder)],
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()

@@ -18,21 +18,12 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from medfm.io import RunLock\n"
-         "with RunLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
-         str(tmp_path / "run")],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(MedfmError, match=f"in use by pid {holder.pid} on "):
-            RunLock(tmp_path / "run").acquire()
-    finally:
-        holder.kill()
-        holder.wait()
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path, lock_holder):
+    holder = lock_holder(tmp_path / "run")
+    with pytest.raises(MedfmError, match=f"in use by pid {holder.pid} on "):
+        RunLock(tmp_path / "run").acquire()
+    holder.kill()
+    holder.wait()
     # the holder died without releasing: its lock is stale and taken over, with a notice
     notes = []
     with RunLock(tmp_path / "run", log=notes.append) as lock:

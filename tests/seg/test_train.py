@@ -556,27 +556,19 @@ def test_a_run_resumes_by_a_relative_path_and_after_its_folder_was_moved(
     assert saved.out == str(tmp_path / "moved")
 
 
-def test_a_second_training_on_the_same_folder_is_refused_naming_the_holder(synth, tmp_path):
+def test_a_second_training_on_the_same_folder_is_refused_naming_the_holder(
+    synth, tmp_path, lock_holder
+):
     import subprocess
     import sys
 
     run = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from medfm.io import RunLock\n"
-         "with RunLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(run)],
-        stdout=subprocess.PIPE, text=True,
+    holder = lock_holder(run)
+    r = subprocess.run(
+        [sys.executable, "-m", "medfm.cli.main", "seg", "train", "--data", str(synth),
+         "--out", str(run), "--steps", "1"],
+        capture_output=True, text=True,
     )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        r = subprocess.run(
-            [sys.executable, "-m", "medfm.cli.main", "seg", "train", "--data", str(synth),
-             "--out", str(run), "--steps", "1"],
-            capture_output=True, text=True,
-        )  # fmt: skip
-    finally:
-        holder.kill()
-        holder.wait()
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"error: {run} is in use by pid {holder.pid} on {__import__('socket').gethostname()}; "

@@ -233,29 +233,20 @@ def test_an_unreadable_run_file_is_a_clear_error(tmp_path, text):
     assert (out / "synth_run.json").read_text() == text  # left as it was
 
 
-def test_a_second_writer_of_one_folder_is_refused_while_shards_write_side_by_side(tmp_path):
-    import subprocess
-    import sys
-
+def test_a_second_writer_of_one_folder_is_refused_while_shards_write_side_by_side(
+    tmp_path, lock_holder
+):
     from medfm.errors import MedfmError
 
     out = tmp_path / "ds"
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from medfm.io import RunLock\n"
-         "with RunLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(out)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(MedfmError, match=f"in use by pid {holder.pid}"):
-            generate_dataset(out, modalities="ct", dim=2, n=2, size=32, seed=1)
-        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
-        # a shard takes its own lock: shards of one run write side by side
-        generate_dataset(out, modalities="ct", dim=2, n=2, size=32, seed=1, shard="1/2")
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = lock_holder(out)
+    with pytest.raises(MedfmError, match=f"in use by pid {holder.pid}"):
+        generate_dataset(out, modalities="ct", dim=2, n=2, size=32, seed=1)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+    # a shard takes its own lock: shards of one run write side by side
+    generate_dataset(out, modalities="ct", dim=2, n=2, size=32, seed=1, shard="1/2")
+    holder.kill()
+    holder.wait()
     assert not (out / ".lock-shard-1-of-2").exists()  # released
     report = generate_dataset(out, modalities="ct", dim=2, n=2, size=32, seed=1)  # stale: taken
     assert (report.written, report.skipped) == (1, 1)  # shard 1/2 wrote case 1
