@@ -56,6 +56,7 @@ def seg_evaluate(
 ) -> None:
     """Dice and surface Dice of a model, one prompt per label and image (docs/evaluation.md)."""
     from medfm.cli.progress import progress_bar
+    from medfm.io import check_outputs
     from medfm.seg.evaluate import (
         EVAL_PROMPTS,
         check_overlays,
@@ -70,6 +71,8 @@ def seg_evaluate(
     check_prompt(prompt, EVAL_PROMPTS)
     list_eval_cases(data, max_cases)
     check_overlays(overlays)
+    model_path = model if Path(model).exists() else None
+    check_outputs({"--out": out, "--overlays": overlays}, {"--data": data, "--model": model_path})
     if out.is_dir():
         raise MedfmError(f"--out {out} is a folder; give a file name such as report.json")
     predictor = load_predictor(
@@ -142,8 +145,10 @@ def seg_average(
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
 ) -> None:
     """Average the weights of models fine-tuned from one model (a model soup)."""
+    from medfm.io import check_outputs
     from medfm.seg.average import average_models
 
+    check_outputs({"--out": out}, {f"model {i + 1}": m for i, m in enumerate(models)})
     folder = average_models(models, out)
     typer.echo(f"average of {len(models)} models in {folder}; calibrate it before use")
 

@@ -22,6 +22,7 @@ from medfm.io.nnunet import (
     write_case,
     write_dataset_json,
 )
+from medfm.io.paths import check_outputs
 from medfm.io.png import read_image, read_png, write_png
 from medfm.io.volume import Volume, resample_volume
 
@@ -35,6 +36,7 @@ __all__ = [
     "atomic_write_text",
     "case_complete",
     "case_paths",
+    "check_outputs",
     "iter_dataset",
     "list_cases",
     "load_volume",

@@ -52,7 +52,7 @@ from medfm.engine import (
     step_generator,
 )
 from medfm.errors import MedfmError
-from medfm.io import iter_dataset, read_dataset_json
+from medfm.io import check_outputs, iter_dataset, read_dataset_json
 from medfm.seg.cache import EmbeddingCache
 from medfm.seg.decoder import decode_rows
 from medfm.seg.embed import encode_images, encoder_id, preprocess_images
@@ -601,6 +601,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None, progress=None) ->
     """Train (or resume) a run; returns the final model folder. The run folder is locked for
     the run (rank 0 holds the lock under torchrun)."""
     dist = setup_distributed(parse_device(cfg.device))
+    for data in cfg.data:
+        check_outputs({"--out": cfg.out}, {"--data": data})
     check_training_data(cfg.data)  # a refused run writes nothing
     with RunLock(cfg.out, log=log) if dist.main else contextlib.nullcontext():
         if dist.main:

@@ -54,3 +54,21 @@ def test_a_folder_or_one_of_its_dcm_files_is_read_as_a_dicom_series(tmp_path):
     for given in (tmp_path / "s", one):
         got = load_volume(given)
         assert torch.equal(got.data, want.data) and np.array_equal(got.affine, want.affine)
+
+
+def test_an_output_is_never_an_input_or_inside_one(tmp_path):
+    from medfm.io import check_outputs
+
+    data = tmp_path / "data"
+    (data / "labelsTr").mkdir(parents=True)
+    image = tmp_path / "img.png"
+    image.write_bytes(b"x")
+    with pytest.raises(MedfmError, match=r"--out .*dataset.json lies inside the input --data"):
+        check_outputs({"--out": data / "dataset.json"}, {"--data": data})
+    with pytest.raises(MedfmError, match=r"--overlays .*labelsTr lies inside the input --data"):
+        check_outputs({"--out": None, "--overlays": data / "labelsTr"}, {"--data": data})
+    with pytest.raises(MedfmError, match=r"--out .*img.png is the input --image"):
+        check_outputs({"--out": tmp_path / "." / "img.png"}, {"--image": image})
+    # beside an input, or holding one, is fine; so is an input that is not given
+    check_outputs({"--out": tmp_path / "report.json", "--overlays": tmp_path}, {"--data": data})
+    check_outputs({"--out": tmp_path / "data2"}, {"--data": data, "--model": None})

@@ -191,3 +191,23 @@ def test_calibrate_and_train_refuse_nan_and_inf(tmp_path):
     r = run("seg", "train", "--data", tmp_path, "--out", tmp_path / "run", "--lr", "inf")
     assert r.exit_code == 2 and "--lr: Input should be a finite number" in r.output, r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_average_and_train_never_write_into_their_inputs(tmp_path):
+    from medfm.synth.dataset import generate_dataset
+
+    data = tmp_path / "ds"
+    generate_dataset(data, modalities="ct", dim=2, n=1, size=32, seed=0)
+    before = (data / "dataset.json").read_bytes()
+    r = run("seg", "evaluate", "-m", "box-fill", "--data", data, "--prompt", "box",
+            "--out", data / "dataset.json")  # fmt: skip
+    assert r.exit_code == 2 and "lies inside the input --data" in r.output, r.output
+    r = run("seg", "evaluate", "-m", "box-fill", "--data", data, "--prompt", "box",
+            "--out", tmp_path / "r.json", "--overlays", data / "labelsTr")  # fmt: skip
+    assert r.exit_code == 2 and "--overlays" in r.output and "lies inside" in r.output
+    assert (data / "dataset.json").read_bytes() == before
+    r = run("seg", "average", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "a" / "model")
+    assert r.exit_code == 2 and "lies inside the input model 1" in r.output, r.output
+    r = run("seg", "train", "--data", data, "--out", data / "run")
+    assert r.exit_code == 2 and "lies inside the input --data" in r.output, r.output
+    assert not (data / "run").exists()
