@@ -209,6 +209,8 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise MedfmError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise MedfmError(f"recipe {path} is nested too deeply to be a recipe") from None
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:

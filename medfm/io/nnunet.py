@@ -110,6 +110,8 @@ def read_dataset_json(folder: str | os.PathLike) -> DatasetJson:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MedfmError(f"{path} is not valid JSON ({e}); fix or rewrite it") from None
+    except RecursionError:
+        raise MedfmError(f"{path} is nested too deeply to be a dataset.json") from None
     try:
         return DatasetJson.model_validate(raw)
     except ValidationError as e:

@@ -170,6 +170,8 @@ def read_config_json(folder: str | os.PathLike) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MedfmError(f"{path} is not valid JSON ({e}); is the file complete?") from None
+    except RecursionError:
+        raise MedfmError(f"{path} is nested too deeply to be a model's config.json") from None
     if not isinstance(config, dict):
         raise MedfmError(f"{path} holds {type(config).__name__}, not a JSON object")
     return config

@@ -300,7 +300,7 @@ def _generate(
     if run_file.exists():
         try:
             old = RunSpec.read(run_file.read_text())
-        except ValueError:
+        except (ValueError, RecursionError):
             raise MedfmError(f"{run_file} is unreadable; use a new --out") from None
         if old != spec:
             diff = [f for f in RunSpec.model_fields if getattr(old, f) != getattr(spec, f)]

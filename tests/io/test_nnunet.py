@@ -292,3 +292,19 @@ def test_rewriting_a_case_keeps_it_incomplete_until_the_new_label(tmp_path, monk
         write_case(tmp_path, "case_001", *cases["case_001"], ".png")
     assert not case_complete(tmp_path, "case_001", ".png")
     assert list_cases(tmp_path) == ["case_000", "case_002"]
+
+
+def test_deeply_nested_json_and_yaml_are_one_line_errors(tmp_path):
+    from medfm.io.weights import read_config_json
+    from medfm.recipe import load_recipe
+
+    deep = "[" * 20000 + "]" * 20000
+    (tmp_path / "dataset.json").write_text(deep)
+    with pytest.raises(MedfmError, match="nested too deeply to be a dataset.json"):
+        read_dataset_json(tmp_path)
+    (tmp_path / "config.json").write_text(deep)
+    with pytest.raises(MedfmError, match="nested too deeply to be a model's config.json"):
+        read_config_json(tmp_path)
+    (tmp_path / "r.yaml").write_text(deep)
+    with pytest.raises(MedfmError, match="nested too deeply to be a recipe"):
+        load_recipe(tmp_path / "r.yaml")
