@@ -37,6 +37,7 @@ from pydantic import (
 
 from medfm import __version__
 from medfm.errors import MedfmError, validation_message
+from medfm.io import read_dataset_json
 from medfm.seg.models import (
     BUNDLED_DIR,
     CONFIG_NAME,
@@ -247,6 +248,7 @@ def _fingerprint(args: BaseModel, files: list[Path], configs: list[Path], data: 
         kept = {k: v for k, v in config.items() if k not in _CALIBRATION_KEYS}
         h.update(f"config {json.dumps(kept, sort_keys=True)}\n".encode())
     for root in data:
+        read_dataset_json(root)  # a dataset folder, checked before anything under it is read
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             add_file(path, path.relative_to(root).as_posix())
     return h.hexdigest()

@@ -91,3 +91,20 @@ def test_a_recipe_round_trips_through_json():
     assert all(len(s) == 1 for s in dumped["steps"])
     assert Recipe.model_validate(dumped) == recipe
     assert Recipe.model_validate_json(recipe.model_dump_json()) == recipe
+
+
+def test_an_evaluate_steps_data_must_be_a_dataset_before_anything_is_read(tmp_path):
+    from medfm.errors import MedfmError
+    from medfm.recipe import load_recipe, run_recipe
+
+    notds = tmp_path / "notds"
+    (notds / "sub").mkdir(parents=True)
+    (notds / "sub" / "big.bin").write_bytes(b"0" * 1000)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: t\nsteps:\n  - evaluate: {{model: box-fill, data: {notds}, prompt: box, "
+        f"out: {tmp_path / 'r.json'}}}\n"
+    )
+    with pytest.raises(MedfmError, match=r"notds/dataset.json does not exist"):
+        run_recipe(load_recipe(recipe), log=lambda m: None)
+    assert not (tmp_path / "r.json").exists()
