@@ -22,6 +22,7 @@ __all__ = [
     "montage",
     "outline_tile",
     "overlay_row",
+    "prompt_overlay",
     "to_grey",
 ]
 
@@ -118,3 +119,48 @@ def overlay_row(rgb: np.ndarray, gt: np.ndarray, pred: np.ndarray, size: int = 2
         outline_tile(grey, torch.from_numpy(pred.astype(np.int64)), size),
     ]
     return np.moveaxis(np.concatenate(tiles, axis=1), -1, 0)
+
+
+BOX_COLOUR = np.array([255, 255, 0], dtype=np.uint8)
+CLICK_COLOURS = {1: np.array([0, 255, 0], np.uint8), 0: np.array([255, 0, 0], np.uint8)}
+
+
+def prompt_overlay(
+    image: torch.Tensor,
+    label: torch.Tensor,
+    *,
+    boxes: np.ndarray | None = None,
+    points: np.ndarray | None = None,
+    point_labels: np.ndarray | None = None,
+    min_side: int = 256,
+) -> np.ndarray:
+    """A picture of one prompted segmentation: image (H, W) grey (or (H, W, 3), shown grey),
+    label (H, W) integer -> (h, w, 3) uint8, the image enlarged so that its longest side is at
+    least ``min_side`` (never shrunk), each label's outline in its `PALETTE` colour, the boxes
+    (N, 4) ``x0, y0, x1, y1`` in image pixels as yellow rectangles, the clicks (P, 2) ``x, y``
+    as crosses, green for positive (``point_labels`` 1) and red for negative (0)."""
+    if image.ndim == 3:
+        image = image.float().mean(dim=-1)
+    h, w = image.shape
+    side = max(min_side, h, w)
+    scale = side / max(h, w)
+    hs, ws = max(1, round(h * scale)), max(1, round(w * scale))
+    rgb = outline_tile(image, label, side)[:hs, :ws].copy()
+
+    def px(v: float, n: int) -> int:  # image pixel centre -> picture pixel, inside it
+        return int(min(max(round((v + 0.5) * scale - 0.5), 0), n - 1))
+
+    for x0, y0, x1, y1 in [] if boxes is None else np.asarray(boxes, np.float64).reshape(-1, 4):
+        c0, c1, r0, r1 = px(x0, ws), px(x1, ws), px(y0, hs), px(y1, hs)
+        rgb[r0, c0 : c1 + 1] = rgb[r1, c0 : c1 + 1] = BOX_COLOUR
+        rgb[r0 : r1 + 1, c0] = rgb[r0 : r1 + 1, c1] = BOX_COLOUR
+    if points is not None:
+        pts = np.asarray(points, np.float64).reshape(-1, 2)
+        labs = np.ones(len(pts), int) if point_labels is None else np.asarray(point_labels)
+        arm = max(2, round(max(hs, ws) / 100))
+        for (x, y), lab in zip(pts, labs.reshape(-1), strict=True):
+            c, r = px(x, ws), px(y, hs)
+            colour = CLICK_COLOURS.get(int(lab), CLICK_COLOURS[1])
+            rgb[r, max(0, c - arm) : c + arm + 1] = colour
+            rgb[max(0, r - arm) : r + arm + 1, c] = colour
+    return rgb

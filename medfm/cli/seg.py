@@ -305,15 +305,23 @@ def seg_predict(
     mirror: MirrorOption = False,
     mask_threshold: ThresholdOption = None,
     box_crop: BoxCropOption = None,
+    overlay: Annotated[
+        Path | None,
+        typer.Option(
+            "--overlay", help="Also write a PNG of the image with the prompts and mask outlines."
+        ),
+    ] = None,
 ) -> None:
     """Segment an image from box or point prompts; object i gets label i in the output."""
     from medfm.seg.segment import segment_file
 
     result = segment_file(
         image, out, boxes=box, points=point, model=model, checkpoint=checkpoint, device=device,
-        mirror=mirror, mask_threshold=mask_threshold, box_crop=box_crop,
+        mirror=mirror, mask_threshold=mask_threshold, box_crop=box_crop, overlay=overlay,
     )  # fmt: skip
-    typer.echo(f"{out}: {result.n_voxels} voxels in {result.n_objects} object(s)")
+    unit = "voxels" if result.label.ndim == 3 else "pixels"
+    shown = f"; overlay {overlay}" if overlay is not None else ""
+    typer.echo(f"{out}: {result.n_voxels} {unit} in {result.n_objects} object(s){shown}")
 
 
 @seg_app.command("export")

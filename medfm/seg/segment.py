@@ -182,13 +182,15 @@ def segment_file(
     mask_threshold: float | None = None,
     box_crop: bool | None = None,
     predictor: Predictor | None = None,
+    overlay: str | os.PathLike | None = None,
 ) -> Segmentation:
     """Segment the image file ``image`` from ``boxes`` or ``points`` (module docstring) and
     write the label map to ``out`` (``.png``, ``.nii`` or ``.nii.gz``; a 3D image's as NIfTI).
 
     The predictor is ``predictor`` when given, else `medfm.seg.evaluate.load_predictor` of
     ``model`` with the other arguments (loaded after the image and the output name are
-    checked). Returns the label map and the path written.
+    checked). ``overlay``: also write a PNG picture of the image, the prompts and the masks'
+    outlines there (`prompt_picture`). Returns the label map and the path written.
     """
     from medfm.io import Volume, read_image, read_nifti, write_nifti, write_png
     from medfm.seg.evaluate import load_predictor, volume_uint8
@@ -199,6 +201,12 @@ def segment_file(
         raise MedfmError(f"image {image} not found")
     if out.resolve() == image.resolve():
         raise MedfmError(f"--out {out} is the input image; write the mask to another file")
+    if overlay is not None:
+        overlay = Path(overlay)
+        if not overlay.name.lower().endswith(".png") or overlay.is_dir():
+            raise MedfmError(f"--overlay {overlay} must be a .png file name")
+        if overlay.resolve() in (image.resolve(), out.resolve()):
+            raise MedfmError(f"--overlay {overlay} would overwrite the image or the mask")
     is_nifti = image.name.lower().endswith((".nii", ".nii.gz"))
     vol = read_nifti(image) if is_nifti else read_image(image)
     three_d = vol.ndim == 3
@@ -224,4 +232,54 @@ def segment_file(
         write_png(mask_vol, out)
     else:
         write_nifti(mask_vol, out)
+    if overlay is not None:
+        from PIL import Image
+
+        from medfm.io import atomic_path
+
+        picture = prompt_picture(pixels, label, three_d=three_d, boxes=boxes, points=points)
+        with atomic_path(overlay) as tmp:
+            Image.fromarray(picture).save(tmp, format="PNG")
     return Segmentation(label=label, path=out)
+
+
+def prompt_picture(
+    pixels: np.ndarray,
+    label: np.ndarray,
+    *,
+    three_d: bool,
+    boxes: Sequence[Prompt] | None = None,
+    points: Sequence[Prompt] | None = None,
+) -> np.ndarray:
+    """`segment_image`'s inputs and label map -> an (h, w, 3) uint8 picture (`medfm.viz.
+    prompt_overlay`): the image with the masks' outlines and the prompts. A volume is shown
+    by its slice with the largest masked area (else its first prompted slice), with the
+    prompts on that slice."""
+    from medfm.viz import prompt_overlay
+
+    parsed_boxes = [_numbers(b, "--box")[0] for b in boxes or []]
+    parsed_points = [_numbers(p, "--point")[0] for p in points or []]
+    n_xy = 3 if three_d else 2
+    k = None
+    if three_d:
+        areas = (label > 0).sum(axis=(0, 1))
+        if areas.any():
+            k = int(areas.argmax())
+        else:
+            firsts = [int(v[4]) for v in parsed_boxes] + [int(v[2]) for v in parsed_points]
+            k = firsts[0] if firsts else 0
+        pixels, label = pixels[:, :, k], label[:, :, k]
+
+    def on_slice(v: list[float], first: int, last: int | None = None) -> bool:
+        return k is None or int(v[first]) <= k <= int(v[first if last is None else last])
+
+    box_rows = [v[:4] for v in parsed_boxes
+                if on_slice(v, 4, 5 if len(v) == 6 else None)]  # fmt: skip
+    click_rows = [v for v in parsed_points if on_slice(v, 2)]
+    return prompt_overlay(
+        torch.from_numpy(np.ascontiguousarray(pixels)),
+        torch.from_numpy(label.astype(np.int64)),
+        boxes=np.array(box_rows, np.float64).reshape(-1, 4),
+        points=np.array([v[:2] for v in click_rows], np.float64).reshape(-1, 2),
+        point_labels=np.array([v[n_xy] if len(v) > n_xy else 1 for v in click_rows]),
+    )

@@ -211,3 +211,45 @@ def test_evaluate_average_and_train_never_write_into_their_inputs(tmp_path):
     r = run("seg", "train", "--data", data, "--out", data / "run")
     assert r.exit_code == 2 and "lies inside the input --data" in r.output, r.output
     assert not (data / "run").exists()
+
+
+def test_predict_writes_an_overlay_of_the_prompts_and_the_mask(png, nifti, tmp_path):
+    from PIL import Image
+
+    from medfm.viz import BOX_COLOUR, CLICK_COLOURS, PALETTE
+
+    out, picture = tmp_path / "mask.png", tmp_path / "overlay.png"
+    r = run("seg", "predict", "-m", "box-fill", "-i", png, "--box", "30,20,59,39", "-o", out,
+            "--overlay", picture)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "600 pixels in 1 object(s); overlay" in r.output  # 2D: pixels
+    rgb = np.asarray(Image.open(picture))
+    assert rgb.shape == (192, 256, 3)  # 60 x 80 enlarged to a longest side of 256
+    is_box = (rgb == BOX_COLOUR).all(-1)
+    rows, cols = np.nonzero(is_box)
+    scale = 256 / 80
+    assert rows.min() == round(20.5 * scale - 0.5) and cols.max() == round(59.5 * scale - 0.5)
+    assert (rgb == PALETTE[0]).all(-1).any()  # the mask's outline
+    # a volume: the slice with the largest mask, with the clicks on it
+    path, _ = nifti
+    r = run("seg", "predict", "-m", "box-fill", "-i", path, "--box", "15,10,29,19,5",
+            "-o", tmp_path / "m.nii.gz", "--overlay", tmp_path / "o3.png")  # fmt: skip
+    assert r.exit_code == 0 and "voxels in 1 object(s)" in r.output, r.output
+    assert (np.asarray(Image.open(tmp_path / "o3.png")) == BOX_COLOUR).all(-1).any()
+    r = run("seg", "predict", "-m", "box-fill", "-i", png, "--box", "1,1,5,5", "-o", out,
+            "--overlay", out)  # fmt: skip
+    assert r.exit_code == 2 and "would overwrite the image or the mask" in r.output
+    assert set(CLICK_COLOURS) == {0, 1}
+
+
+def test_prompt_overlay_draws_clicks_in_their_colours():
+    import torch
+
+    from medfm.viz import CLICK_COLOURS, prompt_overlay
+
+    image = torch.zeros(300, 200)
+    pic = prompt_overlay(image, torch.zeros(300, 200, dtype=torch.long),
+                         points=np.array([[50.0, 60.0], [150.0, 250.0]]),
+                         point_labels=np.array([1, 0]))  # fmt: skip
+    assert pic.shape == (300, 200, 3)  # large enough: not enlarged
+    assert (pic[60, 50] == CLICK_COLOURS[1]).all() and (pic[250, 150] == CLICK_COLOURS[0]).all()
