@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medfm.errors import MedfmError
@@ -104,23 +105,33 @@ def write_checkpoint(
 
 
 def read_checkpoint(ck: str | os.PathLike) -> Checkpoint:
-    """One checkpoint folder, as `write_checkpoint` wrote it."""
+    """One checkpoint folder, as `write_checkpoint` wrote it; a damaged or foreign file is a
+    `MedfmError` naming it."""
     ck = Path(ck)
-    state = json.loads((ck / "state.json").read_text())
-    tensors = load_file(str(ck / "optimizer.safetensors"))
-    ema = ck / "ema.safetensors"
-    return Checkpoint(
-        path=ck,
-        step=int(state["step"]),
-        weights=load_file(str(ck / "model.safetensors")),
-        optimizer=unflatten_optimizer(tensors, state["optimizer"]),
-        scheduler=state["scheduler"],
-        ema=load_file(str(ema)) if ema.is_file() else None,
-    )
+    name = "state.json"
+    try:
+        state = json.loads((ck / name).read_text())
+        step, opt_meta, scheduler = int(state["step"]), state["optimizer"], state["scheduler"]
+        name = "optimizer.safetensors"
+        optimizer = unflatten_optimizer(load_file(str(ck / name)), opt_meta)
+        name = "model.safetensors"
+        weights = load_file(str(ck / name))
+        name = "ema.safetensors"
+        ema = load_file(str(ck / name)) if (ck / name).is_file() else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
+        reason = " ".join(str(e).split())[:120]
+        raise MedfmError(
+            f"{ck / name} is damaged or not medfm's ({type(e).__name__}: {reason})"
+        ) from None
+    return Checkpoint(ck, step, weights, optimizer, scheduler, ema)
 
 
 def checkpoint_step(ck: str | os.PathLike) -> int:
-    return int(json.loads((Path(ck) / "state.json").read_text())["step"])
+    """The step a checkpoint was saved at; -1 when its state.json is damaged."""
+    try:
+        return int(json.loads((Path(ck) / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
 
 
 def finished_run(out: str | os.PathLike, steps: int) -> Path | None:

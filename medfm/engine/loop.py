@@ -176,21 +176,47 @@ class Engine:
         )
 
     def resume(self) -> bool:
-        """Load the newest checkpoint (weights, optimizer, schedule, EMA, step); False if none."""
+        """Load the newest checkpoint (weights, optimizer, schedule, EMA, step); False if none.
+
+        A damaged checkpoint (a truncated file, a foreign optimizer state) is named in a
+        notice and the next older one is used; when none can be read, the newest one's problem
+        is raised."""
         done = saved_checkpoints(self.out)
         if not done:
             return False
-        ck = read_checkpoint(done[-1])
-        self.task.load_trained_state(ck.weights)
-        self.opt.load_state_dict(ck.optimizer)
-        self.sched.load_state_dict(ck.scheduler)
+        first_error = None
+        for path in reversed(done):
+            try:
+                self._load(path)
+            except MedfmError as e:
+                first_error = first_error or e
+                self.log(f"notice: {e}; trying an older checkpoint")
+                continue
+            self.log(f"resumed from {path} at step {self.step}")
+            return True
+        raise MedfmError(f"no checkpoint of {self.out} can be read: {first_error}")
+
+    def _load(self, path: Path) -> None:
+        ck = read_checkpoint(path)
+        try:
+            self.opt.load_state_dict(ck.optimizer)
+            self.sched.load_state_dict(ck.scheduler)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise MedfmError(
+                f"{path / 'optimizer.safetensors'} does not fit this run ({e})"
+            ) from None
         if self.ema is not None:
             if ck.ema is None:
-                raise MedfmError(f"{ck.path} has no EMA weights (ema.safetensors)")
+                raise MedfmError(f"{path} has no EMA weights (ema.safetensors)")
             self.ema.load_state_dict(ck.ema)
+        try:
+            self.task.load_trained_state(ck.weights)
+        except (RuntimeError, KeyError) as e:
+            reason = " ".join(str(e).split())[:120]
+            raise MedfmError(
+                f"{path / 'model.safetensors'} does not fit this model ({reason})"
+            ) from None
         self.step = ck.step
-        self.log(f"resumed from {ck.path} at step {self.step}")
-        return True
 
     # ------------------------------------------------------------------ the loop
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from medfm.engine import (
     Dist,
@@ -16,6 +16,7 @@ from medfm.engine import (
     read_checkpoint,
     saved_checkpoints,
 )
+from medfm.errors import MedfmError
 
 from .tiny import LinearTask
 
@@ -127,3 +128,43 @@ def test_an_infinite_gradient_is_refused_before_the_update(tmp_path):
     with pytest.raises(NonFiniteLoss, match="gradient norm is .* at step 1: .*no checkpoint"):
         engine.train_step(0)
     assert torch.equal(engine.task.module.weight.detach(), before)
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda ck: (ck / "state.json").write_text('{"step": 4, "optim'), "state.json"),
+        (lambda ck: (ck / "model.safetensors").write_bytes(b"\x10\x00"), "model.safetensors"),
+        (
+            lambda ck: save_file({"0.exp_avg": torch.zeros(3)}, str(ck / "optimizer.safetensors")),
+            "optimizer.safetensors",
+        ),
+    ],
+)
+def test_a_damaged_latest_checkpoint_is_named_and_an_older_one_resumes(tmp_path, damage, named):
+    full = _engine(tmp_path / "full")
+    full.run()
+    with pytest.raises(KeyboardInterrupt):
+        _engine(tmp_path / "run").run(progress=_kill_at(5))
+    damage(tmp_path / "run" / "checkpoints" / "step_0000004")
+    notes = []
+    engine = Engine(LinearTask(ONE), _engine(tmp_path / "run").cfg, dist=ONE, log=notes.append)
+    assert engine.resume() and engine.step == 2
+    assert any(named in n and "older checkpoint" in n for n in notes), notes
+    engine.run()
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the steps after step 2 trained again
+    # nothing readable: one line naming the problem
+    for ck in saved_checkpoints(tmp_path / "run"):
+        (ck / "state.json").write_text("{")
+    with pytest.raises(MedfmError, match=r"no checkpoint of .* can be read: .*state.json"):
+        _engine(tmp_path / "run").resume()
+
+
+def _kill_at(step):
+    def progress(s, metrics):
+        if s == step:
+            raise KeyboardInterrupt
+
+    return progress
