@@ -260,7 +260,7 @@ def seg_embed(
 
     from medfm.devices import parse_device
     from medfm.seg.cache import EmbeddingCache
-    from medfm.seg.embed import encode_images, encoder_id
+    from medfm.seg.embed import embedding_shape, encode_images, encoder_id
     from medfm.seg.train import TrainConfig, init_model, load_training_data
 
     dev = parse_device(device)
@@ -275,7 +275,7 @@ def seg_embed(
         typer.echo(f"warning: no checkpoint: {model}'s image encoder has random weights", err=True)
     sam = init_model(cfg).to(dev)
     images = load_training_data(cfg.data, int(sam.image_encoder.img_size)).images
-    store = EmbeddingCache(cache, encoder_id(sam, model))
+    store = EmbeddingCache(cache, encoder_id(sam, model), shape=embedding_shape(sam))
     store.fill(
         images, lambda batch: encode_images(sam, batch, dev), log=lambda m: typer.echo(m, err=True)
     )

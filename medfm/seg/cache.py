@@ -76,14 +76,19 @@ class EmbeddingCache:
     """Embeddings of one model (``model_id``, e.g. ``"vit_b:sam_vit_b_01ec64"``) under ``root``.
 
     The model id must name the weights as well as the architecture: a different checkpoint
-    needs a different id, since the key cannot see the weights.
+    needs a different id, since the key cannot see the weights. ``shape``: the (C, h, w) every
+    embedding of this model has; a stored entry of another shape (a foreign or damaged file)
+    is a miss, computed again, never handed to training.
     """
 
-    def __init__(self, root: str | Path, model_id: str) -> None:
+    def __init__(
+        self, root: str | Path, model_id: str, *, shape: tuple[int, int, int] | None = None
+    ) -> None:
         if not model_id:
             raise MedfmError("model_id must be a non-empty string naming the encoder and weights")
         self.root = Path(root)
         self.model_id = model_id
+        self.shape = None if shape is None else tuple(int(v) for v in shape)
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)[:64]
         tag = hashlib.sha256(model_id.encode()).hexdigest()[:8]
         self.dir = self.root / f"{safe}-{tag}"
@@ -131,6 +136,7 @@ class EmbeddingCache:
             or not isinstance(arr, np.memmap)
             or arr.dtype != np.float16
             or arr.shape != entry.shape
+            or (self.shape is not None and arr.shape != self.shape)
         ):
             return None
         return arr, entry

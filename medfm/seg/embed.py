@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
-__all__ = ["encode_images", "encoder_id", "preprocess_images"]
+__all__ = ["embedding_shape", "encode_images", "encoder_id", "preprocess_images"]
 
 
 def encoder_id(model: Sam, name: str) -> str:
@@ -25,6 +25,12 @@ def encoder_id(model: Sam, name: str) -> str:
         h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return f"{name}:{int(model.image_encoder.img_size)}:{h.hexdigest()[:16]}"
+
+
+def embedding_shape(model: Sam) -> tuple[int, int, int]:
+    """(C, h, w) of one image's embedding by ``model``'s encoder (SAM's 256 x 64 x 64)."""
+    pe = model.prompt_encoder
+    return (int(pe.embed_dim), *(int(v) for v in pe.image_embedding_size))
 
 
 def preprocess_images(model: Sam, images: list[np.ndarray], device: torch.device) -> torch.Tensor:

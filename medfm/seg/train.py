@@ -55,7 +55,7 @@ from medfm.errors import MedfmError
 from medfm.io import check_outputs, iter_dataset, read_dataset_json
 from medfm.seg.cache import EmbeddingCache
 from medfm.seg.decoder import decode_rows
-from medfm.seg.embed import encode_images, encoder_id, preprocess_images
+from medfm.seg.embed import embedding_shape, encode_images, encoder_id, preprocess_images
 from medfm.seg.losses import dice_loss_only, sam_loss
 from medfm.seg.prompts import (
     PromptConfig,
@@ -454,7 +454,7 @@ class SegTask(Task):
 
     def _fill_cache(self) -> None:
         root = Path(self.cfg.cache) if self.cfg.cache else self.out / "embeddings"
-        self.cache = EmbeddingCache(root, self.model_id())
+        self.cache = EmbeddingCache(root, self.model_id(), shape=embedding_shape(self.model))
         self.cache.fill(self.data.images, self._encode, rank=self.dist.rank,
                         world=self.dist.world, log=self.log)  # fmt: skip
         self.dist.barrier()

@@ -176,3 +176,16 @@ def test_seg_embed_writes_the_entries_training_writes(tmp_path):
     assert len(embedded) == 6 and embedded == trained
     r = CliRunner().invoke(app, args)  # everything cached: nothing encoded again
     assert r.exit_code == 0 and "hits=3, misses=0, writes=0" in r.output
+
+
+def test_an_entry_of_another_shape_than_the_models_is_computed_again(tmp_path):
+    """A stored embedding whose shape is not the model's (a foreign or damaged entry) is a
+    miss: recomputed and stored again, never handed to training with the wrong shape."""
+    image = np.full((8, 8, 3), 7, np.uint8)
+    foreign = EmbeddingCache(tmp_path, "m:1")
+    foreign.get_or_compute([image], lambda b: torch.ones(len(b), 4, 2, 2))
+    cache = EmbeddingCache(tmp_path, "m:1", shape=(4, 3, 3))
+    assert cache.get_array(image) is None
+    cache.fill([image], lambda b: torch.full((len(b), 4, 3, 3), 2.0))
+    assert cache.get_array(image).shape == (4, 3, 3)
+    assert float(cache.get(image).mean()) == 2.0
