@@ -28,8 +28,9 @@ F = TypeVar("F", bound=Callable)
 
 
 def user_errors(fn: F) -> F:
-    """Print a MedfmError on one line and exit with code 2 (no traceback); Ctrl-C exits with
-    130 and says how to resume."""
+    """Print a MedfmError, or an OSError a path caused (missing, a file where a folder is
+    needed, a read-only or full disk), on one line and exit with code 2 (no traceback); Ctrl-C
+    exits with 130 and says how to resume."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -37,6 +38,10 @@ def user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except MedfmError as e:
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as e:  # a path the user gave: missing, a file for a folder, no space
+            where = f"{e.filename}: " if e.filename else ""
+            typer.echo(f"error: {where}{e.strerror or e}; check the path", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo(

@@ -159,3 +159,18 @@ def test_user_errors_print_one_line_and_exit_2():
     app.command()(bad)
     r = CliRunner().invoke(app, [])
     assert r.exit_code == 2 and r.output.strip() == "error: what was wrong; what to do"
+
+
+def test_an_os_error_from_a_path_is_one_line_and_exit_2(tmp_path):
+    import torch
+
+    from medfm.io import write_png
+
+    image = tmp_path / "img.png"
+    write_png(torch.from_numpy(np.full((20, 30), 9, np.uint8))[None], image)
+    (tmp_path / "afile").write_text("x")
+    r = run("seg", "predict", "-m", "box-fill", "-i", image, "--box", "1,1,5,5",
+            "-o", tmp_path / "afile" / "m.png")  # fmt: skip
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "afile" in lines[0], lines
