@@ -149,7 +149,8 @@ def _box_mask(
     v, text = _numbers(prompt, "--box")
     h, w = pixels.shape[:2]
     if three_d and len(v) == 6:
-        _whole(v[4], "--box", text), _whole(v[5], "--box", text)  # slices, never rounded
+        for z in v[4:]:  # slice indices, never rounded
+            _whole(z, "--box", text)
         return propagate_box3d(predictor, pixels, np.array(v, np.float32))
     if three_d and len(v) == 5:
         depth = pixels.shape[2]

@@ -52,7 +52,7 @@ from medfm.engine import (
     step_generator,
 )
 from medfm.errors import MedfmError
-from medfm.io import check_outputs, iter_dataset, read_dataset_json
+from medfm.io import DatasetJson, check_outputs, iter_dataset, read_dataset_json
 from medfm.seg.cache import EmbeddingCache
 from medfm.seg.decoder import decode_rows
 from medfm.seg.embed import embedding_shape, encode_images, encoder_id, preprocess_images
@@ -155,26 +155,27 @@ def lowres_label(label: torch.Tensor, image_size: int) -> torch.Tensor:
     return x.to(torch.uint8)
 
 
-def check_training_data(folders: tuple[str, ...] | list[str]) -> None:
-    """Each folder is a 2D nnU-Net dataset (its dataset.json read and checked): the check
-    `train` makes before it writes anything."""
+def check_training_data(folders: tuple[str, ...] | list[str]) -> list[DatasetJson]:
+    """Each folder is a 2D nnU-Net dataset: its dataset.json, read and checked (the check
+    `train` makes before it writes anything)."""
     if not folders:
         raise MedfmError("give at least one --data folder")
-    for folder in folders:
-        meta = read_dataset_json(folder)
+    metas = [read_dataset_json(folder) for folder in folders]
+    for folder, meta in zip(folders, metas, strict=True):
         if meta.file_ending != ".png":
             raise MedfmError(
                 f"{folder}: training reads 2D .png datasets, this one is {meta.file_ending}; "
                 "generate 2D data with medfm synth generate --dim 2"
             )
+    return metas
 
 
 def load_training_data(folders: tuple[str, ...] | list[str], image_size: int) -> TrainData:
     """Read every case of several 2D nnU-Net folders (synthetic, diffusion-made or real)."""
-    check_training_data(folders)
+    metas = check_training_data(folders)
     images, labels, names = [], [], []
-    for folder in folders:
-        named = set(read_dataset_json(folder).labels.values())
+    for folder, meta in zip(folders, metas, strict=True):
+        named = set(meta.labels.values())
         for case, image, label in iter_dataset(folder):
             lab = label.data[0].long()
             if int(lab.max()) == 0:
@@ -478,7 +479,7 @@ class SegTask(Task):
         cfg = self.cfg
         if cfg.lowres_prob == 0:
             return [None] * n
-        g = step_generator(cfg.seed * 1009 + 7 + 500_009, step)
+        g = step_generator(cfg.seed * 1009 + 7 + 500_009, step)  # apart from the prompts
         u = torch.rand(n, 2, generator=g, dtype=torch.float64).tolist()
         lo, hi = cfg.lowres_factor
         return [lo * (hi / lo) ** b if a < cfg.lowres_prob else None for a, b in u]
