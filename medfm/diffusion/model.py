@@ -1,0 +1,196 @@
+"""`DiffusionModel`: MONAI's ``DiffusionModelUNet`` with MedDiff-FM's inputs (the position
+embedding as extra channels, the region as a class embedding), saved diffusers-style as
+``config.json`` + ``model.safetensors``.
+
+A ControlNet (MONAI's, next to this model) feeds ``down_block_additional_residuals`` and
+``mid_block_additional_residual``: `forward` passes them through, and `unet_kwargs` gives the
+architecture a ControlNet copies.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from pydantic import ValidationError
+from torch import nn
+
+from medfm.diffusion.config import DiffusionConfig
+from medfm.diffusion.position import position_embedding, whole_box
+from medfm.errors import MedfmError, validation_message
+from medfm.io.weights import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    read_config_json,
+    read_state_dict,
+    save_weights,
+)
+
+__all__ = ["DiffusionModel", "is_diffusion_folder"]
+
+
+class DiffusionModel(nn.Module):
+    """The noise predictor eps(x_t, t | position, region) of one `DiffusionConfig`."""
+
+    def __init__(self, config: DiffusionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.unet = DiffusionModelUNet(**self.unet_kwargs(config))
+
+    @staticmethod
+    def unet_kwargs(config: DiffusionConfig) -> dict:
+        """The arguments of MONAI's DiffusionModelUNet (and ControlNet) for ``config``."""
+        u = config.unet
+        return {
+            "spatial_dims": u.spatial_dims,
+            "in_channels": u.image_channels + u.position_channels,
+            "out_channels": u.image_channels,
+            "num_res_blocks": u.num_res_blocks,
+            "channels": u.channels,
+            "attention_levels": u.attention_levels,
+            "norm_num_groups": u.norm_num_groups,
+            "num_head_channels": u.num_head_channels,
+            "num_class_embeds": len(u.regions) or None,
+        }
+
+    def region_index(self, region: str | None) -> int | None:
+        """The class index of a region name; None (no region given) is "other" when the model
+        knows it. MedfmError for a name the model does not know."""
+        regions = self.config.unet.regions
+        if not regions:
+            return None
+        if region is None:
+            region = "other" if "other" in regions else None
+            if region is None:
+                raise MedfmError(f"give a region: one of {', '.join(regions)}")
+        if region not in regions:
+            raise MedfmError(f"unknown region {region!r}; this model knows {', '.join(regions)}")
+        return regions.index(region)
+
+    def positions(
+        self, boxes: torch.Tensor, shape: tuple[int, ...], *, like: torch.Tensor
+    ) -> torch.Tensor:
+        """The position channels (B, P, *shape) of patches covering ``boxes`` (B, dims, 2), on
+        ``like``'s device and dtype."""
+        pos = position_embedding(
+            boxes.to(like.device, like.dtype), shape, self.config.unet.pos_frequencies
+        )
+        return pos
+
+    def model_inputs(
+        self,
+        x: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x`` (B, C, *patch) with its position channels appended: ``positions`` (B, P,
+        *patch) as given, else those of ``boxes`` (B, dims, 2), else of whole volumes."""
+        if positions is None:
+            if boxes is None:
+                boxes = whole_box(x.shape[0], self.config.unet.spatial_dims, x.device)
+            positions = self.positions(boxes, tuple(x.shape[2:]), like=x)
+        return torch.cat([x, positions.to(x.dtype)], dim=1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        *,
+        boxes: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        regions: torch.Tensor | None = None,
+        down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The predicted noise (B, C, *patch) of ``x`` (B, C, *patch) at ``timesteps`` (B,)
+        for patches covering ``boxes`` (B, dims, 2) (or with their precomputed ``positions``,
+        `model_inputs`) of regions ``regions`` (B,) (class indices; None: "other" or none)."""
+        if regions is None and self.config.unet.regions:
+            regions = torch.full(
+                (x.shape[0],), self.region_index(None), dtype=torch.long, device=x.device
+            )
+        return self.unet(
+            self.model_inputs(x, boxes, positions),
+            timesteps,
+            class_labels=regions,
+            down_block_additional_residuals=down_block_additional_residuals,
+            mid_block_additional_residual=mid_block_additional_residual,
+        )
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write ``folder/config.json`` + ``folder/model.safetensors`` (atomically, weights
+        first); returns the folder."""
+        from medfm import __version__
+
+        config = self.config.model_copy(update={"medfm_version": __version__})
+        meta = {"format": "pt", "family": config.family}
+        return save_weights(
+            folder, self.state_dict(), config.model_dump(mode="json"), metadata=meta
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike, *, device: torch.device | str = "cpu"
+    ) -> DiffusionModel:
+        """The model (eval mode) of a folder written by `save_pretrained`. The architecture is
+        checked against the weights' shapes before any layer is allocated."""
+        config = read_diffusion_config(folder)
+        with torch.device("meta"):
+            skeleton = cls(config)
+        expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        _check_shapes(Path(folder) / WEIGHTS_NAME, expected)
+        state = read_state_dict(folder)
+        model = cls(config)
+        model.load_state_dict(state)
+        return model.to(device).eval()
+
+
+def is_diffusion_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a diffusion model's config.json (a cheap look, no validation)."""
+    try:
+        return read_config_json(folder).get("family") == "medfm-diffusion"
+    except MedfmError:
+        return False
+
+
+def read_diffusion_config(folder: str | os.PathLike) -> DiffusionConfig:
+    """The validated `DiffusionConfig` of a model folder; one-line MedfmError otherwise."""
+    raw = read_config_json(folder)
+    path = Path(folder) / CONFIG_NAME
+    if raw.get("family") != "medfm-diffusion":
+        raise MedfmError(
+            f"{folder} is not a medfm diffusion model folder ({path} has no "
+            "family: medfm-diffusion); give a diffusion run or model folder"
+        )
+    try:
+        return DiffusionConfig.model_validate(raw)
+    except ValidationError as e:
+        raise MedfmError(f"{path}: {validation_message(e)}") from None
+
+
+def _check_shapes(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Compare the tensor shapes in a safetensors header with ``expected`` (nothing loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise MedfmError(f"{path} is missing; a model folder needs {WEIGHTS_NAME}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise MedfmError(f"{path} is not a readable safetensors file ({e})") from None
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing or extra:
+        raise MedfmError(
+            f"{path} does not match its config.json: {len(missing)} weights missing, "
+            f"{len(extra)} unexpected (e.g. {(missing or extra)[0]})"
+        )
+    for k, shape in expected.items():
+        if found[k] != shape:
+            raise MedfmError(
+                f"{path}: weight {k} has shape {list(found[k])}, config.json's architecture "
+                f"needs {list(shape)}; the folder's files do not belong together"
+            )
