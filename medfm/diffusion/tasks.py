@@ -1,0 +1,247 @@
+"""The zero-shot tasks of a diffusion model, on volumes in model units ([-1, 1]).
+
+- `synthesize`: pure noise to a volume of any shape (sliding windows beyond the patch).
+- `denoise`: the input's noise std sigma matches the level of a timestep t* (a clean volume
+  noised to t* and divided by sqrt(alpha_bar) carries noise of std sqrt((1 - a) / a)); the
+  input is brought exactly to the nearest sampler timestep at or above t* (a little fresh noise
+  tops it up), then the reverse process runs from there (``reverse``), or the model's one-step
+  estimate of the clean volume is taken (``posterior``, Tweedie's formula).
+- `anomaly_map`: noise the volume to step t, reconstruct, and the smoothed absolute residual
+  is the map (higher = more anomalous).
+- `inpaint`: RePaint (diffusers' RePaintScheduler): known voxels are re-noised from the input
+  at every step, unknown ones come from the model, with resampling jumps.
+
+Every task pads a volume smaller than the patch (repeating its edges) and cuts the result back.
+Randomness comes from ``generator`` only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from diffusers import RePaintScheduler
+
+from medfm.diffusion.model import DiffusionModel
+from medfm.diffusion.position import whole_box
+from medfm.diffusion.sampling import (
+    Windows,
+    initial_noise,
+    pad_to,
+    predict_noise,
+    reverse_process,
+)
+from medfm.diffusion.schedulers import make_scheduler, training_scheduler
+from medfm.errors import MedfmError
+
+__all__ = [
+    "DENOISE_METHODS",
+    "anomaly_map",
+    "denoise",
+    "estimate_noise_std",
+    "inpaint",
+    "matching_timestep",
+    "synthesize",
+]
+
+DENOISE_METHODS = ("reverse", "posterior")
+Progress = Callable[[int, int], None]
+
+
+def _regions(model: DiffusionModel, region: str | None, batch: int, device) -> torch.Tensor | None:
+    index = model.region_index(region)
+    return None if index is None else torch.full((batch,), index, dtype=torch.long, device=device)
+
+
+def _check_volume(x: torch.Tensor, model: DiffusionModel, what: str = "the input") -> None:
+    dims = model.config.unet.spatial_dims
+    if x.ndim != dims + 2:
+        raise MedfmError(f"{what} has {x.ndim - 2} spatial axes; this model takes {dims}D volumes")
+    if not bool(torch.isfinite(x).all()):
+        raise MedfmError(f"{what} holds NaN or infinite values")
+
+
+@torch.no_grad()
+def synthesize(
+    model: DiffusionModel,
+    shape: Sequence[int],
+    *,
+    sampler: str = "dpm++",
+    steps: int = 20,
+    region: str | None = None,
+    batch: int = 1,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """``batch`` new volumes (B, C, *shape) in model units."""
+    c = model.config.unet.image_channels
+    full = [max(s, p) for s, p in zip(shape, model.config.patch, strict=True)]
+    x = initial_noise((batch, c, *full), generator=generator, device=device)
+    sched = make_scheduler(sampler, steps, model.config.schedule)
+    x = x * sched.init_noise_sigma
+    y = reverse_process(
+        model, x, sched, regions=_regions(model, region, batch, device), generator=generator,
+        progress=progress,
+    )  # fmt: skip
+    return y[(slice(None), slice(None), *(slice(0, s) for s in shape))]
+
+
+def estimate_noise_std(x: torch.Tensor, dims: int = 3) -> float:
+    """The std of white Gaussian noise in ``x`` (..., *spatial; ``dims`` spatial axes): the
+    median absolute value of the finest all-diagonal Haar wavelet coefficients over 0.6745
+    (Donoho's estimator), which an image's edges barely move."""
+    v = x.detach().float().reshape(-1, *x.shape[-dims:])
+    for axis in range(1, dims + 1):
+        n = v.shape[axis] // 2 * 2
+        if n == 0:
+            raise MedfmError("the volume is too small to estimate its noise; give --noise-std")
+        even = torch.arange(0, n, 2, device=v.device)
+        v = (v.index_select(axis, even) - v.index_select(axis, even + 1)) / math.sqrt(2)
+    return float(v.abs().flatten().median()) / 0.6745
+
+
+def matching_timestep(sigma: float, alphas_cumprod: torch.Tensor) -> int:
+    """The training timestep whose noise level sqrt((1 - a) / a) is nearest ``sigma``."""
+    level = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+    return int((level - sigma).abs().argmin())
+
+
+@torch.no_grad()
+def denoise(
+    model: DiffusionModel,
+    x: torch.Tensor,
+    sigma: float,
+    *,
+    method: str = "reverse",
+    sampler: str = "ddim",
+    steps: int = 50,
+    region: str | None = None,
+    generator: torch.Generator | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """``x`` (B, C, *S, model units) with Gaussian noise of std ``sigma`` (model units)
+    removed."""
+    _check_volume(x, model)
+    if method not in DENOISE_METHODS:
+        raise MedfmError(f"unknown method {method!r}; choose {' or '.join(DENOISE_METHODS)}")
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise MedfmError(f"the noise std must be a positive number, got {sigma}")
+    ab = training_scheduler(model.config.schedule).alphas_cumprod
+    sched = make_scheduler(sampler, steps, model.config.schedule)
+    t_star = matching_timestep(sigma, ab)
+    later = [int(t) for t in sched.timesteps if int(t) >= t_star]
+    t0 = min(later) if later else int(sched.timesteps[0])
+    level = math.sqrt((1 - float(ab[t0])) / float(ab[t0]))
+    xp, keep = pad_to(x, model.config.patch)
+    extra = math.sqrt(max(level**2 - sigma**2, 0.0))
+    if extra > 0:
+        xp = xp + extra * initial_noise(xp.shape, generator=generator, device=x.device)
+    xt = math.sqrt(float(ab[t0])) * xp
+    regions = _regions(model, region, x.shape[0], x.device)
+    if method == "posterior":
+        windows = Windows.plan(xp.shape[2:], model.config.patch)
+        positions = model.positions(whole_box(1, len(windows.shape)), windows.shape, like=xp)
+        eps = predict_noise(model, xt, t0, windows, positions=positions, regions=regions)
+        out = (xt - math.sqrt(1 - float(ab[t0])) * eps) / math.sqrt(float(ab[t0]))
+        if progress is not None:
+            progress(1, 1)
+        return out[keep]
+    todo = [int(t) for t in sched.timesteps if int(t) <= t0]
+    out = reverse_process(
+        model, xt, sched, timesteps=todo, regions=regions, generator=generator, progress=progress
+    )
+    return out[keep]
+
+
+@torch.no_grad()
+def anomaly_map(
+    model: DiffusionModel,
+    x: torch.Tensor,
+    *,
+    t: int = 950,
+    steps: int = 50,
+    smoothing: float = 1.0,
+    region: str | None = None,
+    generator: torch.Generator | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """The anomaly map (B, 1, *S) of ``x`` (B, C, *S): noised to step ``t`` (of the training
+    steps), reconstructed with DDIM in ``steps`` steps over the whole schedule, the absolute
+    residual (mean over channels) smoothed by a Gaussian of ``smoothing`` voxels (0: none)."""
+    from monai.transforms import GaussianSmooth
+
+    _check_volume(x, model)
+    n_train = model.config.schedule.num_train_timesteps
+    if not 0 <= t < n_train:
+        raise MedfmError(f"--t must lie in 0..{n_train - 1}, got {t}")
+    ab = training_scheduler(model.config.schedule).alphas_cumprod
+    sched = make_scheduler("ddim", steps, model.config.schedule)
+    todo = [int(s) for s in sched.timesteps if int(s) <= t] or [t]
+    start = todo[0]
+    xp, keep = pad_to(x, model.config.patch)
+    noise = initial_noise(xp.shape, generator=generator, device=x.device)
+    xt = math.sqrt(float(ab[start])) * xp + math.sqrt(1 - float(ab[start])) * noise
+    recon = reverse_process(
+        model, xt, sched, timesteps=todo, regions=_regions(model, region, x.shape[0], x.device),
+        generator=generator, progress=progress,
+    )  # fmt: skip
+    residual = (recon - xp).abs().mean(dim=1, keepdim=True)[keep]
+    if smoothing > 0:
+        smooth = GaussianSmooth(sigma=smoothing)
+        maps = [smooth(r) for r in residual]
+        residual = torch.stack([m.as_tensor() if hasattr(m, "as_tensor") else m for m in maps])
+    return residual
+
+
+@torch.no_grad()
+def inpaint(
+    model: DiffusionModel,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    steps: int = 50,
+    jump_length: int = 10,
+    jump_n_sample: int = 5,
+    region: str | None = None,
+    generator: torch.Generator | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """``x`` (B, C, *S) with the voxels where ``mask`` (B or 1, 1, *S) is true regenerated
+    (RePaint: ``jump_n_sample`` resamplings every ``jump_length`` steps); the rest is kept."""
+    _check_volume(x, model)
+    if mask.shape[2:] != x.shape[2:]:
+        raise MedfmError(
+            f"the mask's shape {tuple(mask.shape[2:])} differs from the image's "
+            f"{tuple(x.shape[2:])}; give a mask of the same grid"
+        )
+    hole = mask.bool()
+    if not bool(hole.any()):
+        return x.clone()
+    s = model.config.schedule
+    sched = RePaintScheduler(
+        num_train_timesteps=s.num_train_timesteps,
+        beta_schedule={"cosine": "squaredcos_cap_v2"}.get(s.beta_schedule, s.beta_schedule),
+        clip_sample=False,
+    )
+    sched.set_timesteps(steps, jump_length=jump_length, jump_n_sample=jump_n_sample)
+    xp, keep = pad_to(x, model.config.patch)
+    known, _ = pad_to((~hole).float().expand(x.shape[0], 1, *x.shape[2:]), model.config.patch)
+    windows = Windows.plan(xp.shape[2:], model.config.patch)
+    positions = model.positions(whole_box(1, len(windows.shape)), windows.shape, like=xp)
+    regions = _regions(model, region, x.shape[0], x.device)
+    sample = initial_noise(xp.shape, generator=generator, device=x.device)
+    ts = [int(t) for t in sched.timesteps]
+    t_last = ts[0] + 1
+    for i, t in enumerate(ts):
+        if t < t_last:  # a reverse step from t
+            eps = predict_noise(model, sample, t, windows, positions=positions, regions=regions)
+            sample = sched.step(eps, t, sample, xp, known, generator=generator).prev_sample
+        else:  # a jump back up: re-noise from t_last to t
+            sample = sched.undo_step(sample, t_last, generator=generator)
+        t_last = t
+        if progress is not None:
+            progress(i + 1, len(ts))
+    out = torch.where(known.bool(), xp, sample)
+    return out[keep]

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from medfm.diffusion.schedulers import training_scheduler
+from medfm.diffusion.tasks import (
+    anomaly_map,
+    denoise,
+    estimate_noise_std,
+    inpaint,
+    matching_timestep,
+    synthesize,
+)
+from medfm.errors import MedfmError
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_noise_std_estimate_ignores_smooth_structure():
+    z = torch.linspace(0, 1, 40)
+    smooth = (z[:, None, None] + z[None, :, None] ** 2 + z[None, None, :]).expand(40, 40, 40)
+    for sigma in (0.02, 0.1):
+        noisy = smooth + sigma * torch.randn(40, 40, 40, generator=_g())
+        assert abs(estimate_noise_std(noisy) / sigma - 1) < 0.05
+    with pytest.raises(MedfmError, match="too small"):
+        estimate_noise_std(torch.zeros(1, 4, 4))
+
+
+def test_matching_timestep_has_the_inputs_noise_level(tiny_model):
+    ab = training_scheduler(tiny_model.config.schedule).alphas_cumprod
+    for sigma in (0.05, 0.2, 1.0):
+        t = matching_timestep(sigma, ab)
+        level = float(((1 - ab[t]) / ab[t]).sqrt())
+        assert abs(level - sigma) / sigma < 0.05
+    assert matching_timestep(0.2, ab) > matching_timestep(0.05, ab)
+
+
+def test_denoise_shapes_determinism_and_errors(tiny_model):
+    x = 0.1 * torch.randn(1, 1, 6, 10, 20, generator=_g())  # smaller than the patch on axis 0
+    for method in ("reverse", "posterior"):
+        a = denoise(tiny_model, x, 0.1, method=method, steps=20, generator=_g(1))
+        b = denoise(tiny_model, x, 0.1, method=method, steps=20, generator=_g(1))
+        assert a.shape == x.shape and torch.equal(a, b)
+    with pytest.raises(MedfmError, match="unknown method"):
+        denoise(tiny_model, x, 0.1, method="bm3d")
+    with pytest.raises(MedfmError, match="positive number"):
+        denoise(tiny_model, x, float("nan"))
+    with pytest.raises(MedfmError, match="NaN or infinite"):
+        denoise(tiny_model, x.clone().fill_(float("inf")), 0.1)
+    with pytest.raises(MedfmError, match="2 spatial axes"):
+        denoise(tiny_model, x[:, :, 0], 0.1)
+
+
+def test_inpaint_keeps_every_known_voxel(tiny_model):
+    x = 0.1 * torch.randn(1, 1, 8, 10, 20, generator=_g())
+    mask = torch.zeros(1, 1, 8, 10, 20, dtype=torch.bool)
+    mask[..., 2:5, 3:7, 5:11] = True
+    y = inpaint(tiny_model, x, mask, steps=6, jump_length=2, jump_n_sample=2, generator=_g(2))
+    assert torch.equal(y[~mask], x[~mask])
+    assert not torch.allclose(y[mask], x[mask])
+    assert torch.equal(inpaint(tiny_model, x, torch.zeros_like(mask)), x)
+    with pytest.raises(MedfmError, match="differs from the image"):
+        inpaint(tiny_model, x, mask[..., :10])
+
+
+def test_anomaly_map_and_synthesis_shapes(tiny_model):
+    x = 0.1 * torch.randn(2, 1, 8, 10, 20, generator=_g())
+    amap = anomaly_map(tiny_model, x, t=300, steps=10, generator=_g(3))
+    assert amap.shape == (2, 1, 8, 10, 20) and type(amap) is torch.Tensor
+    assert float(amap.min()) >= 0
+    with pytest.raises(MedfmError, match="--t must lie in 0..999"):
+        anomaly_map(tiny_model, x, t=1000)
+    s = synthesize(tiny_model, (6, 10, 20), steps=2, region="chest", generator=_g(4))
+    assert s.shape == (1, 1, 6, 10, 20)
+    assert torch.equal(
+        s, synthesize(tiny_model, (6, 10, 20), steps=2, region="chest", generator=_g(4))
+    )
