@@ -366,12 +366,14 @@ def _check_synth(a: SynthArgs | MonaiShapesArgs) -> None:
 
 
 def _check_train(cfg: TrainConfig) -> None:
-    check_outputs({"out": cfg.out}, {f"data {d}": d for d in cfg.data})
+    for d in cfg.data:
+        check_outputs({"out": cfg.out}, {"data": d})
     _check_folder(cfg.out)
 
 
 def _check_average(a: AverageArgs) -> None:
-    check_outputs({"out": a.out}, {f"models {m}": m for m in a.models})
+    for m in a.models:
+        check_outputs({"out": a.out}, {"models": m})
     _check_folder(a.out)
 
 

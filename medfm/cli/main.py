@@ -129,7 +129,7 @@ def synth_preview(
         raise MedfmError(f"{folder} is not a folder")
     own = folder / "preview.png"  # the dataset's own preview, made again by design
     if out is not None and out.resolve() != own.resolve():
-        check_outputs({"--out": out}, {"the dataset": folder})
+        check_outputs({"--out": out}, {"dataset folder": folder})
         check_new(out, "--out", overwrite=overwrite, endings=(".png",))
     path = write_preview(folder, out or own)
     typer.echo(str(path))

@@ -280,7 +280,8 @@ def seg_embed(
     from medfm.seg.train import TrainConfig, init_model, load_training_data
 
     dev = parse_device(device)
-    check_outputs({"--cache": cache}, {f"--data {d}": d for d in data})
+    for d in data:
+        check_outputs({"--cache": cache}, {"--data": d})
     if cache.exists() and not cache.is_dir():
         raise MedfmError(f"--cache {cache} is a file; give a folder for the embeddings")
     check_writable(cache, "--cache")

@@ -171,7 +171,8 @@ def test_train_refuses_a_finished_run_without_resume(tmp_path, dataset):
 def test_synth_preview_never_writes_over_the_dataset(dataset, tmp_path):
     before = snapshot(dataset)
     image = dataset / "imagesTr" / "case_00000_0000.png"
-    refused(run("synth", "preview", dataset, "--out", image), "lies inside the input the dataset")
+    message = "lies inside the input dataset folder"
+    refused(run("synth", "preview", dataset, "--out", image), message)
     old = tmp_path / "p.png"
     old.write_bytes(b"x")
     refused(run("synth", "preview", dataset, "--out", old), "exists; pass --overwrite")
