@@ -4,8 +4,11 @@ running a recipe again after a kill continues where it stopped. Relative paths a
 the working directory.
 
 A step is a mapping with one key, its kind. The kinds are a registry (`STEP_KINDS`, filled by
-`register_step`): each has the pydantic model of its arguments and the function that runs it,
-so a model family adds its steps without touching `run_recipe`.
+`register_step`): each has the pydantic model of its arguments, the function that runs it and
+the check of its outputs (`medfm.io.check_outputs`, writable places), which `run_recipe` makes
+for every step before the first one runs, so a model family adds its steps without touching
+`run_recipe`. A step replaces its own earlier output only when its inputs changed (a report, an
+average), atomically.
 
     name: medfm-tiny
     steps:
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +42,13 @@ from pydantic import (
 
 from medfm import __version__
 from medfm.errors import MedfmError, validation_message
-from medfm.io import read_dataset_json
+from medfm.io import (
+    atomic_folder,
+    check_new,
+    check_outputs,
+    check_writable,
+    read_dataset_json,
+)
 from medfm.seg.models import (
     BUNDLED_DIR,
     CONFIG_NAME,
@@ -125,15 +136,18 @@ class AverageArgs(BaseModel):
 # ------------------------------------------------------------------ the step registry
 
 
+Progress = Callable[[int, int], None]
+
+
 @dataclass(frozen=True)
 class StepContext:
     """What a step's runner gets beside its arguments: its place in the recipe, the log and
-    the progress callback given to `run_recipe`."""
+    ``progress(done, total)``, the step's own progress (cases, steps), or None."""
 
     index: int
     total: int
     log: Callable[[str], None]
-    progress: Callable | None = None
+    progress: Progress | None = None
 
     def header(self, text: str) -> None:
         """The step's first line: ``[i/n] text``."""
@@ -147,11 +161,13 @@ class StepContext:
 @dataclass(frozen=True)
 class StepKind:
     """A kind of recipe step: the model of its arguments, the model of the step (a mapping
-    ``{kind: args}``) and ``run(args, context)``."""
+    ``{kind: args}``), ``run(args, context)`` and ``check(args)``, which refuses outputs that
+    are inputs or cannot be written before any step runs (None: nothing to check)."""
 
     args: type[BaseModel]
     step: type[BaseModel]
     run: Callable[[Any, StepContext], None]
+    check: Callable[[Any], None] | None = None
 
 
 STEP_KINDS: dict[str, StepKind] = {}
@@ -159,10 +175,14 @@ STEP_KINDS: dict[str, StepKind] = {}
 
 
 def register_step(
-    kind: str, args: type[BaseModel], run: Callable[[Any, StepContext], None]
+    kind: str,
+    args: type[BaseModel],
+    run: Callable[[Any, StepContext], None],
+    check: Callable[[Any], None] | None = None,
 ) -> type[BaseModel]:
     """Add the step kind ``kind`` (arguments validated by ``args``, run by ``run(args,
-    context)``) and return its step model, whose one field ``kind`` holds the arguments."""
+    context)``, outputs checked by ``check(args)``) and return its step model, whose one field
+    ``kind`` holds the arguments."""
     if kind in STEP_KINDS:
         raise ValueError(f"recipe step kind {kind!r} is registered already")
     name = "".join(part.title() for part in kind.split("_")) + "Step"
@@ -173,7 +193,7 @@ def register_step(
         __module__=__name__,
         **{kind: (args, ...)},
     )
-    STEP_KINDS[kind] = StepKind(args=args, step=step, run=run)
+    STEP_KINDS[kind] = StepKind(args=args, step=step, run=run, check=check)
     return step
 
 
@@ -310,13 +330,61 @@ def _calibrated(a: CalibrateArgs) -> tuple[str, bool]:
 # ------------------------------------------------------------------ running
 
 
-def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print, progress=None) -> None:
-    """Run every step in order (each one resumes where a previous run stopped; a calibrate or
-    evaluate step whose output was made from the same inputs, `_fingerprint`, is skipped)."""
+def run_recipe(
+    recipe: Recipe,
+    *,
+    log: Callable[[str], None] = print,
+    progress: Callable[[int, int], Progress | None] | None = None,
+) -> None:
+    """Check every step's outputs (`StepKind.check`), then run every step in order (each one
+    resumes where a previous run stopped; a calibrate or evaluate step whose output was made
+    from the same inputs, `_fingerprint`, is skipped). ``progress(i, n)`` is called as step i
+    of n starts (and ``(n, n)`` at the end) and returns that step's own ``progress(done,
+    total)`` callback, or None."""
     total = len(recipe.steps)
+    for step in recipe.steps:
+        kind = step_kind(step)
+        if STEP_KINDS[kind].check is not None:
+            STEP_KINDS[kind].check(getattr(step, kind))
     for i, step in enumerate(recipe.steps, 1):
         kind = step_kind(step)
-        STEP_KINDS[kind].run(getattr(step, kind), StepContext(i, total, log, progress))
+        own = progress(i - 1, total) if progress is not None else None
+        STEP_KINDS[kind].run(getattr(step, kind), StepContext(i, total, log, own))
+    if progress is not None:
+        progress(total, total)
+
+
+def _check_folder(out: str, what: str = "out") -> None:
+    """A step's output folder: not a file, in a writable place."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise MedfmError(f"{what} {out} is a file; give a folder")
+    check_writable(out, what)
+
+
+def _check_synth(a: SynthArgs | MonaiShapesArgs) -> None:
+    _check_folder(a.out)
+
+
+def _check_train(cfg: TrainConfig) -> None:
+    for d in cfg.data:
+        check_outputs({"out": cfg.out}, {"data": d})
+    _check_folder(cfg.out)
+
+
+def _check_average(a: AverageArgs) -> None:
+    for m in a.models:
+        check_outputs({"out": a.out}, {"models": m})
+    _check_folder(a.out)
+
+
+def _check_evaluate(a: EvaluateArgs) -> None:
+    inputs = {"data": a.data, "checkpoint": a.checkpoint}
+    if Path(a.model).exists():
+        inputs["model"] = a.model
+    check_outputs({"out": a.out, "overlays": a.overlays}, inputs)
+    # the report and overlays are the step's own: replaced (atomically) when its inputs change
+    check_new(a.out, "out", overwrite=True, endings=(".json",))
+    check_new(a.overlays, "overlays", overwrite=True, folder=True)
 
 
 def _run_synth(a: SynthArgs, ctx: StepContext) -> None:
@@ -324,9 +392,11 @@ def _run_synth(a: SynthArgs, ctx: StepContext) -> None:
 
     ctx.header(f"synth -> {a.out}")
     size = a.size if isinstance(a.size, int) else ",".join(map(str, a.size))
+    tick = ctx.progress
     rep = generate_dataset(
         a.out, modalities=a.modalities, dim=a.dim, n=a.n, size=size, seed=a.seed,
         device=a.device, batch=a.batch, workers=a.workers, preview=a.preview, config=a.config,
+        progress=None if tick is None else lambda done: tick(done, a.n),
     )  # fmt: skip
     ctx.note(f"{rep.written} cases written, {rep.skipped} already there")
 
@@ -344,7 +414,11 @@ def _run_train(cfg: TrainConfig, ctx: StepContext) -> None:
 
     ctx.header(f"train {cfg.model} -> {cfg.out}")
     resume = (Path(cfg.out) / "train_config.json").exists()
-    final = train(cfg, resume=resume, log=ctx.note, progress=ctx.progress)
+    tick = ctx.progress
+    final = train(
+        cfg, resume=resume, log=ctx.note,
+        progress=None if tick is None else lambda step, metrics: tick(step, cfg.steps),
+    )  # fmt: skip
     ctx.note(f"model in {final}")
 
 
@@ -352,7 +426,21 @@ def _run_average(a: AverageArgs, ctx: StepContext) -> None:
     from medfm.seg.average import average_models
 
     ctx.header(f"average {', '.join(a.models)} -> {a.out}")
-    average_models(a.models, a.out)
+    out = Path(a.out)
+    with atomic_folder(out) as tmp:  # the old average stays whole until the new one is
+        if out.is_dir():  # the same average again keeps the folder, calibration and all
+            for f in out.iterdir():
+                if f.is_file():
+                    _link_or_copy(f, tmp / f.name)
+        average_models(a.models, tmp)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (the file is replaced by a rename, never written through it), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _run_calibrate(a: CalibrateArgs, ctx: StepContext) -> None:
@@ -366,7 +454,7 @@ def _run_calibrate(a: CalibrateArgs, ctx: StepContext) -> None:
     grid = DEFAULT_GRID if a.grid is None else a.grid
     calibrate(
         a.model, a.data, a.prompts, grid, device=a.device, log=ctx.note, box_crop=a.box_crop,
-        fingerprint=fingerprint,
+        fingerprint=fingerprint, progress=ctx.progress,
     )  # fmt: skip
 
 
@@ -389,15 +477,16 @@ def _run_evaluate(a: EvaluateArgs, ctx: StepContext) -> None:
         mask_threshold=a.mask_threshold, box_crop=a.box_crop,
     )  # fmt: skip
     report = evaluate(
-        predictor, a.data, a.prompt, overlays=Path(a.overlays) if a.overlays else None
-    )
+        predictor, a.data, a.prompt, overlays=Path(a.overlays) if a.overlays else None,
+        progress=ctx.progress,
+    )  # fmt: skip
     write_report({**report, FINGERPRINT_KEY: fingerprint}, a.out)
     ctx.note(f"mean Dice {report['mean_dice']:.3f}, NSD {report['mean_nsd']:.3f} -> {a.out}")
 
 
-SynthStep = register_step("synth", SynthArgs, _run_synth)
-MonaiShapesStep = register_step("monai_shapes", MonaiShapesArgs, _run_monai_shapes)
-TrainStep = register_step("train", TrainConfig, _run_train)
-AverageStep = register_step("average", AverageArgs, _run_average)
+SynthStep = register_step("synth", SynthArgs, _run_synth, _check_synth)
+MonaiShapesStep = register_step("monai_shapes", MonaiShapesArgs, _run_monai_shapes, _check_synth)
+TrainStep = register_step("train", TrainConfig, _run_train, _check_train)
+AverageStep = register_step("average", AverageArgs, _run_average, _check_average)
 CalibrateStep = register_step("calibrate", CalibrateArgs, _run_calibrate)
-EvaluateStep = register_step("evaluate", EvaluateArgs, _run_evaluate)
+EvaluateStep = register_step("evaluate", EvaluateArgs, _run_evaluate, _check_evaluate)

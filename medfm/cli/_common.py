@@ -18,6 +18,7 @@ __all__ = [
     "DeviceOption",
     "MirrorOption",
     "ModelNameOption",
+    "OverwriteOption",
     "PredictorOption",
     "SeedOption",
     "ThresholdOption",
@@ -54,6 +55,15 @@ def user_errors(fn: F) -> F:
 
 
 DeviceOption = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+
+OverwriteOption = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an existing output (report, mask, model folder); the old one stays "
+        "until the new one is complete.",
+    ),
+]
 
 SeedOption = Annotated[
     int, typer.Option("--seed", help="Run seed: the same seed gives the same result.")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from medfm.cli._common import DeviceOption, SeedOption, user_errors
+from medfm.cli._common import DeviceOption, OverwriteOption, SeedOption, user_errors
 from medfm.cli.seg import seg_app
 from medfm.errors import MedfmError
 
@@ -118,13 +118,20 @@ def synth_generate(
 def synth_preview(
     folder: Annotated[Path, typer.Argument(help="A dataset folder.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG to write.")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
-    """Write a grid of images with mask outlines (default FOLDER/preview.png)."""
+    """Write a grid of images with mask outlines (default FOLDER/preview.png, which is made
+    again each time)."""
+    from medfm.io import check_new, check_outputs
     from medfm.synth.preview import write_preview
 
     if not folder.is_dir():
         raise MedfmError(f"{folder} is not a folder")
-    path = write_preview(folder, out or folder / "preview.png")
+    own = folder / "preview.png"  # the dataset's own preview, made again by design
+    if out is not None and out.resolve() != own.resolve():
+        check_outputs({"--out": out}, {"dataset folder": folder})
+        check_new(out, "--out", overwrite=overwrite, endings=(".png",))
+    path = write_preview(folder, out or own)
     typer.echo(str(path))
 
 
@@ -143,7 +150,24 @@ def run(
             kind, args = next(iter(step.model_dump().items()))
             typer.echo(f"{i}. {kind}: {args.get('out')}")
         return
-    run_recipe(r, log=lambda m: typer.echo(m))
+    from medfm.cli.progress import bar_callback, progress_bar
+
+    with progress_bar() as bar:
+        recipe_task = bar.add_task(f"recipe {r.name} (steps)", total=len(r.steps))
+        step_task: list = []
+
+        def progress(i: int, n: int):
+            """Step i + 1 of n starts: the recipe's bar moves, the last step's bar goes."""
+            bar.update(recipe_task, completed=i, total=n)
+            while step_task:
+                bar.remove_task(step_task.pop())
+            if i >= n:
+                return None
+            callback = bar_callback(bar, f"  step {i + 1}/{n}")
+            step_task.append(bar.task_ids[-1])
+            return callback
+
+        run_recipe(r, log=lambda m: typer.echo(m), progress=progress)
 
 
 app.add_typer(seg_app, name="seg")

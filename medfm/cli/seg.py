@@ -14,6 +14,7 @@ from medfm.cli._common import (
     DeviceOption,
     MirrorOption,
     ModelNameOption,
+    OverwriteOption,
     PredictorOption,
     SeedOption,
     ThresholdOption,
@@ -53,10 +54,11 @@ def seg_evaluate(
     mirror: MirrorOption = False,
     mask_threshold: ThresholdOption = None,
     box_crop: BoxCropOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Dice and surface Dice of a model, one prompt per label and image (docs/evaluation.md)."""
-    from medfm.cli.progress import progress_bar
-    from medfm.io import check_outputs
+    from medfm.cli.progress import bar_callback, progress_bar
+    from medfm.io import check_new, check_outputs
     from medfm.seg.evaluate import (
         EVAL_PROMPTS,
         check_overlays,
@@ -73,21 +75,20 @@ def seg_evaluate(
     check_overlays(overlays)
     model_path = model if Path(model).exists() else None
     check_outputs({"--out": out, "--overlays": overlays}, {"--data": data, "--model": model_path})
-    if out.is_dir():
-        raise MedfmError(f"--out {out} is a folder; give a file name such as report.json")
+    check_new(out, "--out", overwrite=overwrite, endings=(".json",))
+    check_new(overlays, "--overlays", overwrite=overwrite, folder=True)
     predictor = load_predictor(
         model, checkpoint, device=device, mirror=mirror, mask_threshold=mask_threshold,
         box_crop=box_crop,
     )  # fmt: skip
     with progress_bar() as bar:
-        task = bar.add_task(f"evaluating {model}", total=None)
         report = evaluate(
             predictor,
             data,
             prompt,
             overlays=overlays,
             max_cases=max_cases,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            progress=bar_callback(bar, f"evaluating {model} (cases)"),
         )
     write_report(report, out)
     typer.echo(
@@ -126,13 +127,18 @@ def seg_calibrate(
 ) -> None:
     """Choose the mask threshold of each prompt kind (and whether box-prompted masks are
     cropped to their box) on synthetic data (never the real sets)."""
+    from medfm.cli.progress import bar_callback, progress_bar
     from medfm.seg.calibrate import DEFAULT_GRID, calibrate
     from medfm.seg.segment import parse_numbers
 
     thresholds = DEFAULT_GRID if grid is None else parse_numbers(grid, "--grid")
     prompts = tuple(prompt) if prompt else ("box", "point")
     crops = (False,) if no_box_crop else (False, True)
-    calibrate(model, data, prompts, thresholds, device=device, log=typer.echo, box_crop=crops)
+    with progress_bar() as bar:
+        calibrate(
+            model, data, prompts, thresholds, device=device, log=typer.echo, box_crop=crops,
+            progress=bar_callback(bar, "calibrating (cases x prompt kinds)"),
+        )  # fmt: skip
 
 
 @seg_app.command("average")
@@ -143,14 +149,17 @@ def seg_average(
         typer.Argument(help="Two or more medfm model folders or training runs, of one model."),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Average the weights of models fine-tuned from one model (a model soup)."""
-    from medfm.io import check_outputs
+    from medfm.io import atomic_folder, check_new, check_outputs
     from medfm.seg.average import average_models
 
     check_outputs({"--out": out}, {f"model {i + 1}": m for i, m in enumerate(models)})
-    folder = average_models(models, out)
-    typer.echo(f"average of {len(models)} models in {folder}; calibrate it before use")
+    check_new(out, "--out", overwrite=overwrite, folder=True)
+    with atomic_folder(out) as tmp:  # an old model stays whole until the average is
+        average_models(models, tmp)
+    typer.echo(f"average of {len(models)} models in {out}; calibrate it before use")
 
 
 @seg_app.command("train")
@@ -218,6 +227,11 @@ def seg_train(
     from medfm.seg.train import TrainConfig, train
 
     parse_device(device)  # before the run folder is made
+    if not resume and (out / "model" / "config.json").is_file():
+        raise MedfmError(
+            f"--out {out} holds a finished run ({out / 'model'}); pass --resume to keep it, "
+            "or give a new --out (delete the folder to train it again)"
+        )
     try:
         cfg = TrainConfig(
             model=model, checkpoint=checkpoint, data=tuple(str(d) for d in data), out=str(out),
@@ -258,12 +272,19 @@ def seg_embed(
     medfm seg train --cache then reads instead of encoding."""
     from pydantic import ValidationError
 
+    from medfm.cli.progress import bar_callback, progress_bar
     from medfm.devices import parse_device
+    from medfm.io import check_outputs, check_writable
     from medfm.seg.cache import EmbeddingCache
     from medfm.seg.embed import embedding_shape, encode_images, encoder_id
     from medfm.seg.train import TrainConfig, init_model, load_training_data
 
     dev = parse_device(device)
+    for d in data:
+        check_outputs({"--cache": cache}, {"--data": d})
+    if cache.exists() and not cache.is_dir():
+        raise MedfmError(f"--cache {cache} is a file; give a folder for the embeddings")
+    check_writable(cache, "--cache")
     try:  # the model and images exactly as training builds them (out: nothing is written there)
         cfg = TrainConfig(
             model=model, checkpoint=checkpoint, data=tuple(str(d) for d in data),
@@ -276,9 +297,11 @@ def seg_embed(
     sam = init_model(cfg).to(dev)
     images = load_training_data(cfg.data, int(sam.image_encoder.img_size)).images
     store = EmbeddingCache(cache, encoder_id(sam, model), shape=embedding_shape(sam))
-    store.fill(
-        images, lambda batch: encode_images(sam, batch, dev), log=lambda m: typer.echo(m, err=True)
-    )
+    with progress_bar() as bar:
+        store.fill(
+            images, lambda batch: encode_images(sam, batch, dev),
+            log=lambda m: typer.echo(m, err=True), progress=bar_callback(bar, "embedding images"),
+        )  # fmt: skip
     typer.echo(f"{len(images)} images embedded in {cache} ({store.stats()})")
 
 
@@ -311,14 +334,18 @@ def seg_predict(
             "--overlay", help="Also write a PNG of the image with the prompts and mask outlines."
         ),
     ] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Segment an image from box or point prompts; object i gets label i in the output."""
+    from medfm.cli.progress import bar_callback, progress_bar
     from medfm.seg.segment import segment_file
 
-    result = segment_file(
-        image, out, boxes=box, points=point, model=model, checkpoint=checkpoint, device=device,
-        mirror=mirror, mask_threshold=mask_threshold, box_crop=box_crop, overlay=overlay,
-    )  # fmt: skip
+    with progress_bar() as bar:
+        result = segment_file(
+            image, out, boxes=box, points=point, model=model, checkpoint=checkpoint,
+            device=device, mirror=mirror, mask_threshold=mask_threshold, box_crop=box_crop,
+            overlay=overlay, overwrite=overwrite, progress=bar_callback(bar, "segmenting slices"),
+        )  # fmt: skip
     unit = "voxels" if result.label.ndim == 3 else "pixels"
     shown = f"; overlay {overlay}" if overlay is not None else ""
     typer.echo(f"{out}: {result.n_voxels} {unit} in {result.n_objects} object(s){shown}")
@@ -329,12 +356,16 @@ def seg_predict(
 def seg_export(
     run: Annotated[Path, typer.Argument(help="A training run (or its model/ folder).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Official-format .pth to write.")],
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Write weights that segment-anything's sam_model_registry loads (ViT models)."""
-    from medfm.seg.export import export_notes, export_run
+    from medfm.io import check_new, check_outputs
+    from medfm.seg.export import EXPORT_ENDINGS, export_notes, export_run
     from medfm.seg.models import read_config, run_model_dir
 
     folder = run_model_dir(run)
+    check_outputs({"--out": out}, {"model folder": folder})
+    check_new(out, "--out", overwrite=overwrite, endings=EXPORT_ENDINGS)
     typer.echo(str(export_run(folder, out)))
     for note in export_notes(read_config(folder)):
         typer.echo(

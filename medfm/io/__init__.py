@@ -6,7 +6,13 @@ Start with `load_volume` / `save_volume` (a file by its name), `iter_dataset` (r
 folder case by case) and `write_dataset` (write one from (case, image, label) items).
 """
 
-from medfm.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text, remove_temp_files
+from medfm.io.atomic import (
+    atomic_folder,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    remove_temp_files,
+)
 from medfm.io.dataset import write_dataset
 from medfm.io.dicom import read_dicom_series
 from medfm.io.files import load_volume, save_volume
@@ -22,7 +28,7 @@ from medfm.io.nnunet import (
     write_case,
     write_dataset_json,
 )
-from medfm.io.paths import check_outputs
+from medfm.io.paths import check_new, check_outputs, check_writable
 from medfm.io.png import read_image, read_png, write_png
 from medfm.io.volume import Volume, resample_volume
 
@@ -31,12 +37,15 @@ __all__ = [
     "DatasetJson",
     "RunLock",
     "Volume",
+    "atomic_folder",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
     "case_complete",
     "case_paths",
+    "check_new",
     "check_outputs",
+    "check_writable",
     "iter_dataset",
     "list_cases",
     "load_volume",

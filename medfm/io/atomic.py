@@ -6,17 +6,27 @@ clears (``medfm.io.nnunet.write_case`` does so before it rewrites a case). The t
 keeps the target's file ending (``.nii.gz``, ``.png``) because nibabel and PIL choose the format
 from it. Renames are atomic on POSIX and Windows within one filesystem; no fsync is done, so a
 power cut (as opposed to a killed process) may still lose recent writes.
+
+`atomic_folder` does the same for a folder of files that belong together (a model folder's
+config.json and weights): it is written beside the target and swapped in whole.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "remove_temp_files"]
+__all__ = [
+    "atomic_folder",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "remove_temp_files",
+]
 
 # Compression suffixes that belong to a double ending such as ".nii.gz" or ".tar.gz".
 _COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
@@ -62,6 +72,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty temporary folder beside ``path``; on success it replaces ``path``.
+
+    An existing ``path`` (e.g. a model folder given with ``--overwrite``) stays as it was until
+    the new folder is complete: it is then renamed to a hidden ``.NAME.old-PID-RANDOM``, the new
+    one renamed into its place, and the old one deleted. A kill between those two renames leaves
+    the old folder under that hidden name, never half of either. On an exception the temporary
+    folder is removed and ``path`` is left as it was.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = target.with_name(f".{target.name}.tmp-{token}")
+    tmp.mkdir()
+    old = target.with_name(f".{target.name}.old-{token}")
+    moved = False
+    try:
+        yield tmp
+        if target.exists():
+            os.replace(target, old)
+            moved = True
+        os.replace(tmp, target)
+    except BaseException:
+        if moved and not target.exists():
+            os.replace(old, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

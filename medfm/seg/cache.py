@@ -233,9 +233,11 @@ class EmbeddingCache:
         rank: int = 0,
         world: int = 1,
         log: Callable[[str], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> int:
         """Store the embedding of every image (H, W[, C]) of ``images`` not cached yet; returns
-        how many this process wrote.
+        how many this process wrote. ``progress(done, total)``: this process's misses encoded
+        so far of its share, from 0 to the share, after each round.
 
         The misses, in order, are shared among ``world`` processes: process ``rank`` encodes
         misses rank, rank + world, ... (each process calls ``fill`` with the same images),
@@ -252,10 +254,14 @@ class EmbeddingCache:
         mine = todo[rank::world]
         before = self._writes
         chunk = 2 * batch_size  # images looked up again and encoded per round
+        if progress is not None:
+            progress(0, len(mine))
         with torch.inference_mode():
             for s in range(0, len(mine), chunk):
                 part = mine[s : s + chunk]
                 self._compute_missing(part, [self.key(im) for im in part], encode, batch_size)
+                if progress is not None:
+                    progress(s + len(part), len(mine))
         return self._writes - before
 
     def _compute_missing(

@@ -135,6 +135,7 @@ def calibrate(
     log: Callable[[str], None] | None = None,
     box_crop: Sequence[bool] = (False, True),
     fingerprint: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Choose the mask threshold of each prompt kind of the model folder (or training run)
     ``model`` on the synthetic sets ``data``: the threshold of ``grid`` with the highest mean
@@ -144,7 +145,9 @@ def calibrate(
     threshold}), with boxes ``box_crop``, and ``calibration`` (the data, the grid and every
     Dice) into its config.json, atomically, and returns the ``calibration`` entry.
     ``fingerprint``: kept in that entry as ``inputs_sha256`` (what a recipe run again checks,
-    `medfm.recipe`)."""
+    `medfm.recipe`). ``progress(done, total)``: cases run so far, over every prompt kind and
+    set, from 0 to the total. The config.json is read again and replaced atomically at the end,
+    so a killed calibration leaves the model as it was."""
     from medfm.seg.models import read_model_config, write_model_config
     from medfm.seg.predict import Segmenter
 
@@ -159,15 +162,27 @@ def calibrate(
     crops = sorted({bool(c) for c in box_crop})  # False first: it wins ties
     if not crops:
         raise MedfmError("give at least one box crop setting to try (False and/or True)")
-    for d in data:
-        list_eval_cases(d, None)  # a clear error for a missing or empty set, before any work
+    # a clear error for a missing or empty set, before any work
+    sizes = [len(list_eval_cases(d, None)) for d in data]
+    total, done = len(prompts) * sum(sizes), 0
+    tick = progress or (lambda done, total: None)
+    tick(0, total)
     segmenter = Segmenter.from_pretrained(folder, device=device)
     record: dict = {"data": [str(d) for d in data], "grid": grid, "prompts": {}}
     chosen: dict[str, float] = {}
     chosen_crop: bool | None = None
     for p in prompts:
         tried = crops if p == "box" else [False]
-        sets = np.array([sweep_dice(segmenter, d, p, grid, tried) for d in data])
+        per_set = []
+        for d, size in zip(data, sizes, strict=True):
+
+            def each(k: int, _n: int, base: int = done) -> None:
+                tick(base + k, total)
+
+            per_set.append(sweep_dice(segmenter, d, p, grid, tried, progress=each))
+            done += size
+            tick(done, total)
+        sets = np.array(per_set)
         mean = sets.mean(axis=0)  # (crops, grid)
         c, j = max(
             ((c, j) for c in range(len(tried)) for j in range(len(grid))),

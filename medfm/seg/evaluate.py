@@ -282,12 +282,16 @@ def _images(
 
 
 def check_overlays(overlays: str | os.PathLike | None) -> Path | None:
-    """The overlay folder (None: none), refused when it names an existing file."""
+    """The overlay folder (None: none), refused when it names an existing file or cannot be
+    written (`medfm.io.check_writable`)."""
+    from medfm.io import check_writable
+
     if overlays is None:
         return None
     folder = Path(overlays)
     if folder.exists() and not folder.is_dir():
         raise MedfmError(f"--overlays {folder} is a file; give a folder for the PNGs")
+    check_writable(folder, "--overlays")
     return folder
 
 

@@ -20,7 +20,10 @@ from medfm.io.atomic import atomic_path
 from medfm.seg.config import SegModelConfig
 from medfm.seg.models import VIT_SPECS, load_pretrained, spec_of
 
-__all__ = ["export_notes", "export_run", "export_sam_checkpoint", "official_name"]
+__all__ = ["EXPORT_ENDINGS", "export_notes", "export_run", "export_sam_checkpoint", "official_name"]
+
+EXPORT_ENDINGS = (".pth", ".pt")
+"""The names segment-anything's checkpoints go by."""
 
 
 def export_sam_checkpoint(model: Sam, path: str | os.PathLike) -> Path:

@@ -7,6 +7,8 @@ rows i (y) and columns j (x), as in `medfm.seg.evaluate`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -39,9 +41,17 @@ def segment_slice(
     return (masks.numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks))[0]
 
 
-def propagate_box3d(predictor: Predictor, volume: np.ndarray, box3d: np.ndarray) -> np.ndarray:
+def propagate_box3d(
+    predictor: Predictor,
+    volume: np.ndarray,
+    box3d: np.ndarray,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     """MedSAM's 3D inference: volume (i, j, k) uint8, box3d (6,) = x0, y0, x1, y1, z0, z1
     (x along j, y along i, z along k, all inclusive) -> mask (i, j, k) bool.
+
+    ``progress(done, total)`` is called after each slice, total = z1 - z0 + 1 (the slices a
+    stopped propagation skips count as done), ending at ``(total, total)``.
 
     The middle slice (z0 + z1) // 2 is segmented with the 2D box; each next slice towards z1
     (and towards z0) is prompted with the tight box of the previous slice's mask; propagation
@@ -58,8 +68,11 @@ def propagate_box3d(predictor: Predictor, volume: np.ndarray, box3d: np.ndarray)
     box = np.array([x0, y0, x1, y1], np.float32)
     check_box(box, h, w)
     out = np.zeros(volume.shape, dtype=bool)
+    total, done = z1 - z0 + 1, 1
+    tick = progress or (lambda done, total: None)
     mid = (z0 + z1) // 2
     out[:, :, mid] = segment_slice(predictor, volume[:, :, mid], box=box)
+    tick(done, total)
     crop = bool(getattr(predictor, "box_crop", False))
     inside = box_region(box[None], h, w)[0].numpy() if crop else None
     for direction, stop in ((1, z1), (-1, z0)):
@@ -73,4 +86,8 @@ def propagate_box3d(predictor: Predictor, volume: np.ndarray, box3d: np.ndarray)
             else:
                 prev = segment_slice(predictor, volume[:, :, z], box=b)
             out[:, :, z] = prev
+            done += 1
+            tick(done, total)
+    if done < total:
+        tick(total, total)
     return out

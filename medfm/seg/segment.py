@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +33,13 @@ from medfm.seg.boxes import check_box
 from medfm.seg.propagate import propagate_box3d, segment_slice
 from medfm.seg.types import Predictor
 
-__all__ = ["Segmentation", "parse_numbers", "segment_file", "segment_image"]
+__all__ = ["MASK_ENDINGS", "Segmentation", "parse_numbers", "segment_file", "segment_image"]
 
 Prompt = str | Sequence[float]
+Progress = Callable[[int, int], None]
+
+MASK_ENDINGS = (".png", ".nii", ".nii.gz")
+"""What a mask is written as (`medfm.io.save_volume`'s formats); a 3D image's: NIfTI only."""
 
 
 @dataclass(frozen=True)
@@ -102,9 +106,14 @@ def segment_image(
     three_d: bool,
     boxes: Sequence[Prompt] | None = None,
     points: Sequence[Prompt] | None = None,
+    progress: Progress | None = None,
 ) -> np.ndarray:
     """pixels (H, W), (H, W, 3) uint8 (2D) or (i, j, k) uint8 (``three_d``) and box or point
-    prompts (module docstring) -> label map (H, W) or (i, j, k) uint8."""
+    prompts (module docstring) -> label map (H, W) or (i, j, k) uint8.
+
+    ``progress(done, total)`` is called with the slices segmented so far (a 2D image is one
+    slice per box, or one for all clicks; a 3D box counts its slices z0..z1, those a
+    propagation stopped before included), from 0 to the total."""
     _check_prompts(boxes, points)
     if three_d:
         h, w, depth = pixels.shape
@@ -113,9 +122,19 @@ def segment_image(
         h, w = pixels.shape[:2]
         depth = 0
         label = np.zeros(pixels.shape[:2], dtype=np.uint8)
+    tick = progress or (lambda done, total: None)
     if boxes:
-        for i, prompt in enumerate(boxes, 1):
-            label[_box_mask(predictor, pixels, three_d, prompt, label.shape)] = i
+        counts = [_box_slices(prompt, three_d) for prompt in boxes]
+        total, done = sum(counts), 0
+        tick(0, total)
+        for i, (prompt, n) in enumerate(zip(boxes, counts, strict=True), 1):
+
+            def each(k: int, _n: int, base: int = done) -> None:
+                tick(base + k, total)
+
+            label[_box_mask(predictor, pixels, three_d, prompt, label.shape, each)] = i
+            done += n
+            tick(done, total)
         return label
     groups: dict[int, list[tuple[float, float, int]]] = {}
     for prompt in points:
@@ -132,26 +151,43 @@ def segment_image(
         if not (0 <= x < w and 0 <= y < h) or (three_d and not 0 <= k < depth):
             raise MedfmError(f"--point {text!r} lies outside the image")
         groups.setdefault(k, []).append((x, y, lab))
-    for k, pts in groups.items():
+    tick(0, len(groups))
+    for done, (k, pts) in enumerate(groups.items(), 1):
         p = np.array([[x, y] for x, y, _ in pts], np.float32)
         lab = np.array([c for _, _, c in pts], np.int64)
         if three_d:
             label[:, :, k][segment_slice(predictor, pixels[:, :, k], points=p, labels=lab)] = 1
         else:
             label[segment_slice(predictor, pixels, points=p, labels=lab)] = 1
+        tick(done, len(groups))
     return label
 
 
+def _box_slices(prompt: Prompt, three_d: bool) -> int:
+    """The slices a box prompt segments: z0..z1 for a 3D box, else one (what `_box_mask`
+    refuses is refused there)."""
+    v, _ = _numbers(prompt, "--box")
+    if three_d and len(v) == 6:
+        return max(1, int(v[5]) - int(v[4]) + 1)
+    return 1
+
+
 def _box_mask(
-    predictor: Predictor, pixels: np.ndarray, three_d: bool, prompt: Prompt, shape: tuple
+    predictor: Predictor,
+    pixels: np.ndarray,
+    three_d: bool,
+    prompt: Prompt,
+    shape: tuple,
+    progress: Progress | None = None,
 ) -> np.ndarray:
-    """One box prompt (module docstring) -> its mask of the label map's ``shape``, bool."""
+    """One box prompt (module docstring) -> its mask of the label map's ``shape``, bool;
+    ``progress``: `propagate_box3d`'s, for a 3D box."""
     v, text = _numbers(prompt, "--box")
     h, w = pixels.shape[:2]
     if three_d and len(v) == 6:
         for z in v[4:]:  # slice indices, never rounded
             _whole(z, "--box", text)
-        return propagate_box3d(predictor, pixels, np.array(v, np.float32))
+        return propagate_box3d(predictor, pixels, np.array(v, np.float32), progress=progress)
     if three_d and len(v) == 5:
         depth = pixels.shape[2]
         k = _whole(v[4], "--box", text)
@@ -184,6 +220,8 @@ def segment_file(
     box_crop: bool | None = None,
     predictor: Predictor | None = None,
     overlay: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
 ) -> Segmentation:
     """Segment the image file ``image`` from ``boxes`` or ``points`` (module docstring) and
     write the label map to ``out`` (``.png``, ``.nii`` or ``.nii.gz``; a 3D image's as NIfTI).
@@ -191,9 +229,12 @@ def segment_file(
     The predictor is ``predictor`` when given, else `medfm.seg.evaluate.load_predictor` of
     ``model`` with the other arguments (loaded after the image and the output name are
     checked). ``overlay``: also write a PNG picture of the image, the prompts and the masks'
-    outlines there (`prompt_picture`). Returns the label map and the path written.
+    outlines there (`prompt_picture`). An existing ``out`` or ``overlay`` is replaced only with
+    ``overwrite`` (atomically): a mask file may be someone's hand-corrected label. Every output
+    is checked (name, place, writable) before the image is read or a model loaded.
+    ``progress``: `segment_image`'s. Returns the label map and the path written.
     """
-    from medfm.io import Volume, read_image, read_nifti, write_nifti, write_png
+    from medfm.io import Volume, check_new, read_image, read_nifti, write_nifti, write_png
     from medfm.seg.evaluate import load_predictor, volume_uint8
 
     _check_prompts(boxes, points)
@@ -208,14 +249,14 @@ def segment_file(
             raise MedfmError(f"--overlay {overlay} must be a .png file name")
         if overlay.resolve() in (image.resolve(), out.resolve()):
             raise MedfmError(f"--overlay {overlay} would overwrite the image or the mask")
+    check_new(out, "--out", overwrite=overwrite, endings=MASK_ENDINGS)
+    check_new(overlay, "--overlay", overwrite=overwrite, endings=(".png",))
     is_nifti = image.name.lower().endswith((".nii", ".nii.gz"))
     vol = read_nifti(image) if is_nifti else read_image(image)
     three_d = vol.ndim == 3
     out_name = out.name.lower()
     if three_d and not out_name.endswith((".nii", ".nii.gz")):
         raise MedfmError("a 3D image's mask is written as NIfTI: use --out mask.nii.gz")
-    if not three_d and not out_name.endswith((".png", ".nii", ".nii.gz")):
-        raise MedfmError("--out must end in .png, .nii or .nii.gz")
     if three_d:
         pixels = volume_uint8(vol.data[0].numpy())
     else:
@@ -227,7 +268,9 @@ def segment_file(
             model, checkpoint, device=device, mirror=mirror, mask_threshold=mask_threshold,
             box_crop=box_crop,
         )  # fmt: skip
-    label = segment_image(predictor, pixels, three_d=three_d, boxes=boxes, points=points)
+    label = segment_image(
+        predictor, pixels, three_d=three_d, boxes=boxes, points=points, progress=progress
+    )
     mask_vol = Volume(torch.from_numpy(label)[None], vol.affine)
     if out_name.endswith(".png"):
         write_png(mask_vol, out)

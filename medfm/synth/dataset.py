@@ -33,6 +33,7 @@ from medfm.io import (
     Volume,
     atomic_write_text,
     case_complete,
+    check_writable,
     remove_temp_files,
     write_case,
     write_dataset_json,
@@ -151,16 +152,6 @@ def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int]:
     return (k, n)
 
 
-def _check_writable(out: Path) -> None:
-    p = out
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir():
-        raise MedfmError(f"cannot write to {out}: {p} is not a folder")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise MedfmError(f"cannot write to {out}: {p} is not writable")
-
-
 def dataset_json(spec: RunSpec) -> DatasetJson:
     k = spec.config.anatomy.n_labels[1]
     labels = {"background": 0, **{f"structure_{i}": i for i in range(1, k + 1)}}
@@ -265,7 +256,7 @@ def generate_dataset(
         config=config or SynthConfig(),
     )
     out = Path(out)
-    _check_writable(out)
+    check_writable(out, "--out")
     if out.exists() and not out.is_dir():
         raise MedfmError(f"--out {out} exists and is not a folder")
 

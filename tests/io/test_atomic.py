@@ -55,3 +55,36 @@ def test_remove_temp_files_only_touches_this_targets_leftovers(tmp_path):
         p.write_bytes(b"")
     assert remove_temp_files(target) == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, keep.name])
+
+
+def test_atomic_folder_swaps_a_whole_folder_in(tmp_path):
+    from medfm.io import atomic_folder
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    (target / "model.safetensors").write_bytes(b"old weights")
+    with atomic_folder(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".model.tmp-")
+        (tmp / "config.json").write_text("new")
+        assert (target / "config.json").read_text() == "old"  # old whole until the new is
+    assert sorted(os.listdir(target)) == ["config.json"]  # the old folder is gone, not merged
+    assert (target / "config.json").read_text() == "new"
+    assert os.listdir(tmp_path) == ["model"]  # no temporary or old folder left
+
+
+def test_a_failed_atomic_folder_keeps_the_old_one(tmp_path):
+    from medfm.io import atomic_folder
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_folder(target) as tmp:
+            (tmp / "config.json").write_text("half")
+            raise KeyboardInterrupt
+    assert (target / "config.json").read_text() == "old"
+    assert os.listdir(tmp_path) == ["model"]
+    with atomic_folder(tmp_path / "new" / "m") as tmp:  # a new folder, parents made
+        (tmp / "a").write_text("a")
+    assert (tmp_path / "new" / "m" / "a").read_text() == "a"

@@ -139,6 +139,10 @@ def test_fill_encodes_each_processes_share_of_the_misses(tmp_path):
     assert all(im in cache for im in ims)
     assert cache.fill(ims, Encoder(), log=logs.append) == 0 and len(logs) == 2
     assert cache.entry(ims[1]).input_size is None
+    calls: list[tuple[int, int]] = []
+    more = [image(i, 12) for i in range(7)]
+    assert cache.fill(more, enc, batch_size=2, progress=lambda d, t: calls.append((d, t))) == 7
+    assert calls == [(0, 7), (4, 7), (7, 7)]  # rounds of 2 * batch_size images
     with pytest.raises(MedfmError, match="rank 2 of world 2"):
         cache.fill(ims, enc, rank=2, world=2)
     with pytest.raises(MedfmError, match="batch_size"):

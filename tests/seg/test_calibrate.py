@@ -194,3 +194,16 @@ def test_a_recipe_run_again_skips_what_the_same_inputs_made(sets, folder, tmp_pa
     assert "skipped" not in out
     out, _ = run()
     assert out.count("skipped") == 2
+
+
+def test_calibrate_reports_its_cases_done(sets, folder):
+    calls: list[tuple[int, int]] = []
+    before = read_config(folder)
+    calibrate(folder, sets, ("box", "point"), [-1.0, 0.0], box_crop=(False,),
+              progress=lambda d, t: calls.append((d, t)))  # fmt: skip
+    total = 2 * (3 + 2)  # two prompt kinds over a 3-case and a 2-case set
+    assert calls[0] == (0, total) and calls[-1] == (total, total)
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and set(done) == set(range(total + 1))
+    after = read_config(folder)
+    assert set(after) - set(before) >= {"mask_thresholds", "calibration"}

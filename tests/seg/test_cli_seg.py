@@ -60,8 +60,11 @@ def test_predict_nifti_3d_box_propagates_and_keeps_the_affine(nifti, tmp_path):
     assert np.allclose(mask.affine, affine)
     m = mask.data[0].numpy()
     assert (m[10:20, 15:30, 3:9] == 1).all() and m.sum() == 10 * 15 * 6
-    # a box on one slice
+    # a box on one slice, over the first mask (an existing mask is replaced only if asked)
     r = run("seg", "predict", "-m", "box-fill", "-i", path, "--box", "15,10,29,19,5", "-o", out)
+    assert r.exit_code == 2 and "pass --overwrite to replace it" in r.output, r.output
+    r = run("seg", "predict", "-m", "box-fill", "-i", path, "--box", "15,10,29,19,5", "-o", out,
+            "--overwrite")  # fmt: skip
     assert r.exit_code == 0 and read_nifti(out).data[0, :, :, 5].sum() == 150
     assert read_nifti(out).data[0].sum() == 150
 
