@@ -1,6 +1,8 @@
 """Volumes and datasets: Volume (array + affine), NIfTI, PNG, DICOM series, nnU-Net v2 raw sets.
 
-The axis order used everywhere in medfm is documented once, in ``medfm.io.volume``.
+The axis order used everywhere in medfm is documented once, in ``medfm.io.volume``. Every
+reader estimates the memory a file needs from its header and refuses what the machine cannot
+hold (`check_memory`) before allocating it.
 
 Start with `load_volume` / `save_volume` (a file by its name), `iter_dataset` (read an nnU-Net
 folder case by case) and `write_dataset` (write one from (case, image, label) items).
@@ -17,6 +19,7 @@ from medfm.io.dataset import write_dataset
 from medfm.io.dicom import read_dicom_series
 from medfm.io.files import load_volume, save_volume
 from medfm.io.lock import LOCK_NAME, RunLock
+from medfm.io.memory import available_memory, check_memory
 from medfm.io.nifti import read_nifti, write_nifti
 from medfm.io.nnunet import (
     DatasetJson,
@@ -41,8 +44,10 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "available_memory",
     "case_complete",
     "case_paths",
+    "check_memory",
     "check_new",
     "check_outputs",
     "check_writable",

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from medfm.errors import MedfmError
+from medfm.io.memory import check_memory
 from medfm.io.volume import Volume
 
 __all__ = ["read_dicom_series"]
@@ -151,6 +152,16 @@ def read_dicom_series(folder: str | os.PathLike, *, series_uid: str | None = Non
         dz = first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0
         slice_step = normal * float(dz)
 
+    if rows < 1 or cols < 1:
+        raise MedfmError(f"{first_path} declares {rows}x{cols} pixels; there is no image in it")
+    bits = int(first.get("BitsAllocated", 16) or 16)
+    # peak: the pixels twice (the slices and their stack), then the int64 or float64 rescaling
+    # with its temporaries (24 bytes a voxel, measured with tracemalloc)
+    check_memory(
+        rows * cols * n * (2 * max(1, bits // 8) + 24),
+        f"{folder}: reading its {cols}x{rows}x{n} {bits}-bit series",
+        hint="read it on a machine with more memory, or fewer slices at a time",
+    )
     slices, slopes, inters = [], [], []
     for path, _ in files:
         try:

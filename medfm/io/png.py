@@ -7,6 +7,9 @@ See medfm.io.volume for the axis order. 2D images carry no geometry: the affine 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +18,42 @@ from PIL import Image, UnidentifiedImageError
 
 from medfm.errors import MedfmError
 from medfm.io.atomic import atomic_path
+from medfm.io.memory import check_memory
 from medfm.io.volume import Volume
 
 __all__ = ["read_png", "read_image", "write_png"]
+
+_CONVERT_TO_RGB = ("RGBA", "CMYK", "YCbCr", "RGBX", "LAB", "HSV")
+_PIL_LIMIT = threading.Lock()
+
+
+@contextmanager
+def _no_pixel_limit() -> Iterator[None]:
+    """PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, ~179 Mpx: a fixed number that
+    refuses large scans with a traceback) lifted while medfm opens an image: `read_png` checks
+    the size read from the header against the machine's memory instead (`check_memory`). The
+    global is restored afterwards; a lock keeps two medfm readers from restoring it wrongly."""
+    with _PIL_LIMIT:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    """The peak bytes per pixel `read_png` allocates for a PIL ``mode``: PIL's decoded image
+    (4 bytes for a multi-band mode, 2 for I;16, 4 for I/F, else 1), a converted copy, and the
+    numpy array with its cast or channel-first copy (measured with tracemalloc)."""
+    try:
+        bands = Image.getmodebands(mode)
+    except (KeyError, ValueError):
+        bands = 4
+    pil = 4 if bands > 1 or mode in ("I", "F") else 2 if mode.startswith("I;16") else 1
+    out_channels = 3 if mode in _CONVERT_TO_RGB or mode == "RGB" else 1
+    out_item = 4 if mode.startswith(("I", "F")) else 1
+    return pil * (2 if mode in _CONVERT_TO_RGB else 1) + 2 * out_channels * out_item
 
 
 def read_png(path: str | os.PathLike) -> Volume:
@@ -43,17 +79,33 @@ def read_png(path: str | os.PathLike) -> Volume:
     if path.is_dir():
         raise MedfmError(f"{path} is a folder, expected an image file")
     try:
-        with Image.open(path) as img:
+        with _no_pixel_limit(), Image.open(path) as img:
+            width, height = img.size
+            check_memory(
+                width * height * _bytes_per_pixel(img.mode),
+                f"{path}: reading its {width}x{height} {img.mode}-mode image",
+                hint="read it on a machine with more memory, or crop or downsample it first",
+            )
+            if width < 1 or height < 1:
+                raise MedfmError(f"{path} is {width}x{height} pixels; there is no image in it")
             img.load()
             mode = img.mode
-            if mode in ("RGBA", "CMYK", "YCbCr", "RGBX", "LAB", "HSV"):
+            if mode in _CONVERT_TO_RGB:
                 img = img.convert("RGB")
             elif mode == "LA":
                 img = img.convert("L")
             elif mode == "PA":
                 img = img.getchannel(0)  # the index band
             arr = np.array(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except MedfmError:
+        raise
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as e:
         raise MedfmError(
             f"cannot read {path} as an image ({type(e).__name__}: {e}); is the file complete?"
         ) from None

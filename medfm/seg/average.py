@@ -26,9 +26,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from medfm.errors import MedfmError
-from medfm.io.weights import CONFIG_NAME, WEIGHTS_NAME
+from medfm.io.memory import check_memory
+from medfm.io.weights import CONFIG_NAME, WEIGHTS_NAME, safetensors_shapes
 from medfm.seg.config import AveragedFrom
-from medfm.seg.models import load_pretrained, model_folder, read_model_config, save_pretrained
+from medfm.seg.models import (
+    check_pretrained,
+    load_pretrained,
+    model_folder,
+    read_model_config,
+    save_pretrained,
+)
 
 __all__ = ["average_models"]
 
@@ -42,6 +49,14 @@ def average_models(models: Sequence[str | os.PathLike], out: str | os.PathLike) 
     out = Path(out)
     if any(out.resolve() == f.resolve() for f in folders):
         raise MedfmError(f"--out {out} is one of the models to average; write the average apart")
+    # every folder checked (config.json against its weights) before any model is built; all
+    # are held at once, with the stacked tensor of one key and the mean (one more model)
+    need = [check_pretrained(f)[2] for f in folders]
+    check_memory(
+        sum(need) + max(need),
+        f"averaging {len(folders)} models",
+        hint="average fewer models at a time, or on a machine with more memory",
+    )
     loaded = [load_pretrained(f) for f in folders]
     first, config0 = loaded[0]
     for folder, (_, config) in zip(folders[1:], loaded[1:], strict=True):
@@ -86,6 +101,9 @@ def _written(out: Path, state: dict[str, torch.Tensor], extra: dict) -> bool:
         return False
     try:
         config = read_model_config(out)
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if safetensors_shapes(out / WEIGHTS_NAME) != shapes:
+            return False  # another model: not loaded to find out
         saved = load_file(str(out / WEIGHTS_NAME))
     except (MedfmError, OSError, SafetensorError):
         return False

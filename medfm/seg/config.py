@@ -22,11 +22,54 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from medfm.errors import MedfmError
+from medfm.errors import MedfmError, validation_message
 
-__all__ = ["AveragedFrom", "SegModelConfig"]
+__all__ = ["AveragedFrom", "SegModelConfig", "SpecBounds"]
+
+
+class SpecBounds(BaseModel):
+    """The bounds a ``spec`` (the `medfm.seg.models.SamSpec` of a ViT model) must keep before
+    anything is built from it: positive sizes, and upper bounds far above any SAM (ViT-H:
+    1280 wide, 32 deep, 1024 px) that keep even an empty (meta) build of it quick. That the
+    spec fits the folder's weights is checked against the safetensors header
+    (`medfm.seg.models.load_pretrained`); these bounds only keep absurd numbers out."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    encoder_embed_dim: int = Field(ge=1, le=65536)
+    encoder_depth: int = Field(ge=1, le=256)
+    encoder_num_heads: int = Field(ge=1, le=4096)
+    encoder_global_attn_indexes: list[int] | tuple[int, ...]
+    image_size: int = Field(ge=1, le=65536)
+    patch_size: int = Field(ge=1, le=65536)
+    window_size: int = Field(ge=0, le=65536)
+    prompt_embed_dim: int = Field(ge=1, le=65536)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpecBounds:
+        if self.encoder_embed_dim % self.encoder_num_heads:
+            raise ValueError(
+                f"encoder_embed_dim {self.encoder_embed_dim} is not a multiple of "
+                f"encoder_num_heads {self.encoder_num_heads}"
+            )
+        if self.patch_size > self.image_size:
+            raise ValueError(f"patch_size {self.patch_size} exceeds image_size {self.image_size}")
+        bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
+        if bad:
+            raise ValueError(
+                f"encoder_global_attn_indexes {bad} lie outside the {self.encoder_depth} blocks"
+            )
+        return self
 
 
 class AveragedFrom(BaseModel):
@@ -60,6 +103,16 @@ class SegModelConfig(BaseModel):
     mask_thresholds: dict[str, float] | None = None
     box_crop: bool | None = None
     calibration: dict[str, Any] | None = None
+
+    @field_validator("spec")
+    @classmethod
+    def _spec(cls, given: dict[str, Any] | None) -> dict[str, Any] | None:
+        if given is not None:
+            try:
+                SpecBounds.model_validate(given)
+            except ValidationError as e:
+                raise ValueError(f"config.json's spec: {validation_message(e)}") from None
+        return given
 
     @field_validator("mask_thresholds", mode="before")
     @classmethod

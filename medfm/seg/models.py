@@ -29,12 +29,16 @@ from segment_anything.modeling import ImageEncoderViT, PromptEncoder, Sam
 from torch import nn
 
 from medfm.errors import MedfmError
+from medfm.io.memory import check_memory
 from medfm.io.weights import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    check_shapes,
     few_keys,
     read_config_json,
     read_state_dict,
+    safetensors_bytes,
+    safetensors_shapes,
     save_weights,
     write_config_json,
 )
@@ -48,9 +52,11 @@ __all__ = [
     "VIT_SPECS",
     "SamSpec",
     "SegModelConfig",
+    "architecture_shapes",
     "build_architecture",
     "build_model",
     "build_sam_vit",
+    "check_pretrained",
     "list_models",
     "load_pretrained",
     "load_sam_checkpoint",
@@ -174,6 +180,15 @@ def build_architecture(name: str, spec: SamSpec | None = None) -> Sam:
     return build_sam_vit(spec)
 
 
+def architecture_shapes(name: str, spec: SamSpec | None = None) -> dict[str, torch.Size]:
+    """The state dict's tensor shapes of ``build_architecture(name, spec)``, from a build on
+    torch's meta device: no memory is allocated and no weight drawn, so an untrusted spec is
+    checked against a weights file before the real model is built."""
+    with torch.device("meta"):
+        model = build_architecture(name, spec)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
 # --------------------------------------------------------------------------------------------
 # Reading state dicts and checking them against a model
 
@@ -185,11 +200,12 @@ _BLOCK_KEY = re.compile(r"image_encoder\.blocks\.(\d+)\.")
 _HINT = "give a SAM / MedSAM .pth or a medfm .safetensors file"
 
 
-def _describe(state: dict[str, torch.Tensor]) -> str | None:
-    """What kind of model a state dict is from, in words; None without an image encoder."""
+def _describe(state: Mapping[str, tuple[int, ...]]) -> str | None:
+    """What kind of model a state dict is from (given by its tensors' shapes), in words; None
+    without an image encoder."""
     patch = state.get("image_encoder.patch_embed.proj.weight")
-    if patch is not None and patch.ndim == 4:
-        embed = int(patch.shape[0])
+    if patch is not None and len(patch) == 4:
+        embed = int(patch[0])
         depth = len({m.group(1) for k in state if (m := _BLOCK_KEY.match(k))})
         official = _OFFICIAL_SIZES.get((embed, depth))
         what = f"a {official} SAM checkpoint" if official else "a SAM ViT checkpoint"
@@ -201,11 +217,14 @@ def _describe(state: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _load_checked(
-    model: Sam, state: dict[str, torch.Tensor], path: Path | str, expected: str
+def _check_fits(
+    own: Mapping[str, tuple[int, ...]],
+    state: Mapping[str, tuple[int, ...]],
+    path: Path | str,
+    expected: str,
 ) -> None:
-    """Load ``state`` into ``model`` after checking that it is a checkpoint of this model."""
-    own = model.state_dict()
+    """Refuse a checkpoint whose tensors (``state``: name -> shape) are not those of the model
+    (``own``: name -> shape), naming what the checkpoint is."""
     got, want = _describe(state), _describe(own)
     if got is not None and want is not None and got != want:
         size = want[want.find("(") :] if "(" in want else ""
@@ -225,13 +244,24 @@ def _load_checked(
             f"checkpoint {path} does not fit model {expected}: keys {'; '.join(parts)}; "
             "is it a checkpoint of this model?"
         )
-    wrong = [k for k, v in own.items() if state[k].shape != v.shape]
+    wrong = [k for k, v in own.items() if tuple(state[k]) != tuple(v)]
     if wrong:
         k = wrong[0]
         raise MedfmError(
             f"checkpoint {path} does not fit model {expected}: {len(wrong)} tensors have other "
-            f"shapes, e.g. {k} {tuple(state[k].shape)} where the model has {tuple(own[k].shape)}"
+            f"shapes, e.g. {k} {tuple(state[k])} where the model has {tuple(own[k])}"
         )
+
+
+def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _load_checked(
+    model: Sam, state: dict[str, torch.Tensor], path: Path | str, expected: str
+) -> None:
+    """Load ``state`` into ``model`` after checking that it is a checkpoint of this model."""
+    _check_fits(_shapes(model.state_dict()), _shapes(state), path, expected)
     model.load_state_dict(state)
 
 
@@ -243,8 +273,13 @@ def load_sam_checkpoint(model: Sam, path: str | os.PathLike, expected: str) -> N
     nested under "model" or "state_dict" and a "module." prefix (DDP) are accepted. ``expected``
     is the model name asked for, used in the messages. A missing, corrupt or unreadable file, a
     checkpoint of another model (told apart by its patch embedding width and block count) and
-    missing / unexpected keys or other shapes raise MedfmError.
+    missing / unexpected keys or other shapes raise MedfmError. A .safetensors file is checked
+    from its header before any tensor is read; a .pth is memory-mapped, so a huge or foreign
+    one costs nothing before it is refused.
     """
+    file = Path(path) / WEIGHTS_NAME if Path(path).is_dir() else Path(path)
+    if file.suffix == ".safetensors" and file.is_file():
+        _check_fits(_shapes(model.state_dict()), safetensors_shapes(file), path, expected)
     _load_checked(model, read_state_dict(path, hint=_HINT), path, expected)
 
 
@@ -344,17 +379,46 @@ def spec_from_config(config: SegModelConfig) -> SamSpec | None:
     return SamSpec(**spec)
 
 
-def load_pretrained(folder: str | os.PathLike) -> tuple[Sam, SegModelConfig]:
-    """(model in eval mode, its config) from a folder written by `save_pretrained`."""
+def check_pretrained(folder: str | os.PathLike) -> tuple[SegModelConfig, SamSpec | None, int]:
+    """A model folder checked before anything is built from it: its config.json (bounds of
+    `SegModelConfig`), and the architecture that config describes against the tensor shapes
+    in the weights file's header (an untrusted config.json cannot make medfm build a model of
+    any size). Returns (config, spec, the bytes building and loading the model takes)."""
+    folder = Path(folder)
     config = read_model_config(folder)
-    name = config.model
     try:
         spec = spec_from_config(config)
-        model = build_architecture(name, spec)
+        shapes = architecture_shapes(config.model, spec)
     except (TypeError, ValueError) as e:
         if isinstance(e, MedfmError):
             raise
-        raise MedfmError(f"{Path(folder) / CONFIG_NAME}: bad 'spec' ({e})") from None
+        raise MedfmError(f"{folder / CONFIG_NAME}: bad 'spec' ({e})") from None
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise MedfmError(
+            f"{folder} is a folder without {WEIGHTS_NAME}; give a medfm model folder "
+            f"({CONFIG_NAME} + {WEIGHTS_NAME})"
+        )
+    check_shapes(
+        shapes,
+        weights,
+        what=f"the architecture of {folder / CONFIG_NAME}",
+        hint=f"{CONFIG_NAME} and the weights are not of one model; restore the {CONFIG_NAME} "
+        "written with them",
+    )
+    model_bytes = sum(4 * int(torch.Size(s).numel()) for s in shapes.values())
+    return config, spec, model_bytes + safetensors_bytes(weights)
+
+
+def load_pretrained(folder: str | os.PathLike) -> tuple[Sam, SegModelConfig]:
+    """(model in eval mode, its config) from a folder written by `save_pretrained`; checked
+    with `check_pretrained` and `medfm.io.check_memory` before the model is built."""
+    config, spec, nbytes = check_pretrained(folder)
+    name = config.model
+    check_memory(
+        nbytes, f"loading the model {folder}", hint="load it on a machine with more memory"
+    )
+    model = build_architecture(name, spec)
     state = read_state_dict(folder, hint=_HINT)
     _load_checked(model, state, Path(folder) / WEIGHTS_NAME, name)
     return model.eval(), config

@@ -12,15 +12,16 @@ once its label file exists (written last, atomically), so a killed run resumes w
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
@@ -38,6 +39,7 @@ from medfm.io import (
     write_case,
     write_dataset_json,
 )
+from medfm.io.memory import available_memory, check_memory, format_bytes
 from medfm.synth.case import (
     MODALITIES,
     CaseParams,
@@ -131,9 +133,48 @@ def parse_size(text: str | int | Sequence[int] | None, dim: int) -> tuple[int, .
         raise MedfmError(f"--size {text!r} has {len(vals)} values; a {dim}D size needs 1 or {dim}")
     if min(vals) < MIN_SIZE:
         raise MedfmError(f"--size {text!r} is too small: every side must be >= {MIN_SIZE}")
-    if np.prod(vals) > 512**3:
-        raise MedfmError(f"--size {text!r} is too large (at most 512^3 voxels)")
-    return tuple(vals)
+    return tuple(vals)  # no fixed upper bound: `fit_batch` checks it against the memory
+
+
+# Peak bytes per voxel of rendering and writing one case, by modality: ru_maxrss of a fresh
+# process minus its warmed-up baseline, for one case of 512^2 and 1024^2 (2D) and 128^3 (3D),
+# rounded up (measured 75-80 for CT, 108-117 for MRI and ultrasound, linear in the batch).
+BYTES_PER_VOXEL = {"ct": 80, "mri": 120, "us": 120}
+
+
+def fit_batch(
+    shape: tuple[int, ...],
+    modalities: Sequence[str],
+    batch: int,
+    workers: int,
+    device: torch.device,
+    *,
+    explicit: bool = True,
+) -> int:
+    """The batch to render with: ``batch``, lowered to what fits in the available memory when
+    ``workers`` batches of it do not (the batch changes no file; a warning when the user
+    chose it, ``explicit``). MedfmError with the estimate when one case per worker does not
+    fit; nothing has been written then."""
+    per_case = math.prod(shape) * max(BYTES_PER_VOXEL[m] for m in modalities)
+    size = "x".join(map(str, shape))
+    per_worker = f" per worker ({workers} workers)" if workers > 1 else ""
+    check_memory(
+        per_case * workers,
+        f"rendering one {size} case{per_worker}",
+        hint="choose a smaller --size" + (" or fewer --workers" if workers > 1 else ""),
+        device=device if device.type == "cuda" else None,
+    )
+    avail = available_memory(device if device.type == "cuda" else None)
+    if avail is None or per_case * batch * workers <= avail:
+        return batch
+    fits = max(1, avail // (per_case * workers))
+    if explicit:
+        warnings.warn(
+            f"--batch {batch} of {size} cases needs ~{format_bytes(per_case * batch * workers)}, "
+            f"{format_bytes(avail)} available: rendering {fits} at a time (no file changes)",
+            stacklevel=2,
+        )
+    return int(fits)
 
 
 def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int]:
@@ -237,11 +278,13 @@ def generate_dataset(
     k, n_shards = parse_shard(shard)
     if n < 1:
         raise MedfmError(f"-n must be >= 1, got {n}")
+    explicit = batch is not None
     if batch is None:
         batch = 16 if dim == 2 else 2
     if batch < 1 or workers < 1:
         raise MedfmError("--batch and --workers must be >= 1")
     dev = parse_device(device)
+    batch = fit_batch(shape, mods, min(batch, n), workers, dev, explicit=explicit)
     spacing = tuple(float(s) for s in (spacing or (1.0,) * dim))
     if len(spacing) != dim or min(spacing) <= 0:
         raise MedfmError(f"spacing {spacing} must be {dim} positive values")
