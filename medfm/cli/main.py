@@ -24,6 +24,18 @@ synth_app = typer.Typer(help="SynthFM synthetic CT / MRI / ultrasound data.", no
 app.add_typer(synth_app, name="synth")
 
 
+@app.callback()
+@user_errors
+def _startup() -> None:
+    """Before any command: thread settings that hold up on a busy machine, set before torch
+    loads (`medfm.threads`), and SIGTERM handled like Ctrl-C (`medfm.workers`)."""
+    from medfm.threads import configure_threads
+    from medfm.workers import stop_on_sigterm
+
+    configure_threads()
+    stop_on_sigterm()
+
+
 @app.command()
 @user_errors
 def info() -> None:
