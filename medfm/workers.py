@@ -11,6 +11,8 @@ Every command that runs work in other processes goes through `WorkerPool`:
   each worker asks the Linux kernel to kill it when its parent dies
   (``prctl(PR_SET_PDEATHSIG, SIGKILL)``), and elsewhere a daemon thread watches the parent's pid.
 - **SIGTERM** to a command is a Ctrl-C (`stop_on_sigterm`): locks are released, workers stopped.
+- **Within 2 seconds**, even inside one long torch operation, which Python cannot interrupt:
+  `exit_soon_after_interrupt` ends the process if the graceful stop has not by then.
 
 Workers start with the ``spawn`` method (no fork of a process holding torch's threads); each
 has its own pipe, so the parent knows which task a worker holds and which worker died.
@@ -32,7 +34,15 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-__all__ = ["WorkerError", "WorkerPool", "die_with_parent", "stop_on_sigterm"]
+__all__ = [
+    "INTERRUPTED",
+    "WorkerError",
+    "WorkerPool",
+    "die_with_parent",
+    "exit_soon_after_interrupt",
+    "say_interrupted",
+    "stop_on_sigterm",
+]
 
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.25
@@ -229,6 +239,65 @@ class WorkerPool:
             self.close()
         else:
             self.stop()
+
+
+INTERRUPTED = "interrupted: run the same command again to resume (seg train: with --resume)"
+_said = threading.Lock()
+_said_once: list[bool] = []
+
+
+def say_interrupted() -> None:
+    """Print `INTERRUPTED` to stderr, once per process (the CLI's handler and the deadline's
+    watchdog may both get there)."""
+    with _said:
+        if _said_once:
+            return
+        _said_once.append(True)
+    sys.stderr.write(INTERRUPTED + "\n")
+    sys.stderr.flush()
+
+
+def _watchdog(fd: int, grace: float) -> None:
+    stops = {int(signal.SIGINT), int(signal.SIGTERM)}
+    while True:
+        try:
+            data = os.read(fd, 64)
+        except OSError:
+            return
+        if not data:
+            return
+        if stops & set(data):
+            time.sleep(grace)
+            lock = sys.modules.get("medfm.io.lock")  # not loaded: no lock held
+            if lock is not None:
+                with contextlib.suppress(Exception):
+                    lock.release_held_locks()
+            say_interrupted()
+            os._exit(130)
+
+
+_watching: list[bool] = []
+
+
+def exit_soon_after_interrupt(grace: float = 1.5) -> None:
+    """Make sure a Ctrl-C or SIGTERM ends this process within ``grace`` seconds, even while the
+    main thread is inside one long torch operation (Python runs signal handlers only between
+    bytecodes): a watchdog thread is woken by the signal (``signal.set_wakeup_fd``) and, if the
+    process still runs after ``grace``, releases its run-folder locks, says so and exits with
+    130. That is as safe as kill -9 (every write is atomic). Main thread only; once per
+    process (later calls do nothing)."""
+    if threading.current_thread() is not threading.main_thread() or _watching:
+        return
+    _watching.append(True)
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:
+        os.close(r)
+        os.close(w)
+        return
+    threading.Thread(target=_watchdog, args=(r, grace), daemon=True).start()
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -136,3 +136,37 @@ def test_the_polling_fallback_also_follows_the_parent(tmp_path):
     shell.send_signal(signal.SIGKILL)
     shell.wait(10)
     assert _wait_gone([child]) == []
+
+
+STUCK = textwrap.dedent(
+    """
+    import signal, sys, time
+    from medfm.io.lock import RunLock
+    from medfm.workers import exit_soon_after_interrupt
+
+    exit_soon_after_interrupt(grace=0.5)
+    signal.signal(signal.SIGINT, lambda *a: None)  # a main thread that does not get to stop
+    RunLock(sys.argv[1]).acquire()
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_a_process_that_does_not_stop_is_ended_after_the_grace_with_its_locks_released(tmp_path):
+    (tmp_path / "stuck.py").write_text(STUCK)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "stuck.py"), str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline() == "ready\n"
+    assert (run / ".lock").exists()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(10) == 130
+    assert proc.stderr.read() == (
+        "interrupted: run the same command again to resume (seg train: with --resume)\n"
+    )
+    assert not (run / ".lock").exists()
