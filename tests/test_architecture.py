@@ -9,8 +9,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medfm"
 
-# what each layer may import from medfm (besides itself); errors and devices are shared by all
-BASE = {"medfm", "medfm.errors", "medfm.devices"}
+# what each layer may import from medfm (besides itself); errors, devices, threads and workers
+# are shared by all
+BASE = {"medfm", "medfm.errors", "medfm.devices", "medfm.threads", "medfm.workers"}
 ALLOWED = {
     "kernels": BASE,
     "io": BASE | {"kernels"},

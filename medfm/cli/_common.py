@@ -45,10 +45,9 @@ def user_errors(fn: F) -> F:
             typer.echo(f"error: {where}{e.strerror or e}; check the path", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.echo(
-                "interrupted: run the same command again to resume (seg train: with --resume)",
-                err=True,
-            )
+            from medfm.workers import say_interrupted
+
+            say_interrupted()
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

@@ -24,6 +24,20 @@ synth_app = typer.Typer(help="SynthFM synthetic CT / MRI / ultrasound data.", no
 app.add_typer(synth_app, name="synth")
 
 
+@app.callback()
+@user_errors
+def _startup() -> None:
+    """Before any command: thread settings that hold up on a busy machine, set before torch
+    loads (`medfm.threads`); SIGTERM handled like Ctrl-C, and either ends the process within
+    2 seconds (`medfm.workers`; installed once per process)."""
+    from medfm.threads import configure_threads
+    from medfm.workers import exit_soon_after_interrupt, stop_on_sigterm
+
+    configure_threads()
+    stop_on_sigterm()
+    exit_soon_after_interrupt()
+
+
 @app.command()
 @user_errors
 def info() -> None:

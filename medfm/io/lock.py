@@ -19,6 +19,14 @@ from pathlib import Path
 from medfm.errors import MedfmError
 
 LOCK_NAME = ".lock"
+_HELD: dict[int, RunLock] = {}  # the locks this process holds, for release_held_locks
+
+
+def release_held_locks() -> None:
+    """Release every lock this process holds: for a process about to end at once
+    (`medfm.workers.exit_soon_after_interrupt`)."""
+    for lock in list(_HELD.values()):
+        lock.release()
 
 
 def _alive(pid: int) -> bool:
@@ -69,6 +77,7 @@ class RunLock:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             self.held = True
+            _HELD[id(self)] = self
             return self
         raise MedfmError(f"{self.folder} is locked by another run ({self.path}); try again")
 
@@ -116,6 +125,7 @@ class RunLock:
             if info is not None and info.get("pid") == self.me["pid"]:
                 self.path.unlink(missing_ok=True)
             self.held = False
+            _HELD.pop(id(self), None)
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -124,4 +134,4 @@ class RunLock:
         self.release()
 
 
-__all__ = ["LOCK_NAME", "RunLock"]
+__all__ = ["LOCK_NAME", "RunLock", "release_held_locks"]

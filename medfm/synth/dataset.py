@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -50,6 +48,7 @@ from medfm.synth.case import (
 )
 from medfm.synth.manifest import write_manifest
 from medfm.synth.preview import write_preview
+from medfm.workers import WorkerPool
 
 FORMAT_VERSION = 1
 RUN_FILE = "synth_run.json"
@@ -229,10 +228,6 @@ def _batches(spec: RunSpec, indices: list[int], batch: int) -> list[list[int]]:
     return out
 
 
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 def _worker_run(out: str, spec_json: str, indices: list[int], device: str) -> int:
     spec = RunSpec.model_validate_json(spec_json)
     write_rendered(
@@ -367,14 +362,11 @@ def _generate(
             if progress:
                 progress(done)
     else:
-        threads = max(1, torch.get_num_threads() // workers)
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
-        ) as pool:
-            futures = [pool.submit(_worker_run, str(out), spec_text, b, device) for b in batches]
-            for f in futures:
-                done += f.result()
+        # a bounded window of batches in flight: Ctrl-C stops the workers within a moment
+        tasks = ((str(out), spec_text, b, device) for b in batches)
+        with WorkerPool(workers) as pool:
+            for written in pool.imap(_worker_run, tasks):
+                done += written
                 if progress:
                     progress(done)
 

@@ -256,3 +256,32 @@ def test_prompt_overlay_draws_clicks_in_their_colours():
                          point_labels=np.array([1, 0]))  # fmt: skip
     assert pic.shape == (300, 200, 3)  # large enough: not enlarged
     assert (pic[60, 50] == CLICK_COLOURS[1]).all() and (pic[250, 150] == CLICK_COLOURS[0]).all()
+
+
+def test_ctrl_c_stops_training_with_one_line_and_the_lock_released(tmp_path):
+    """SIGINT to the process group, as a terminal's Ctrl-C: exit 130, one line, no lock left."""
+    import os
+    import signal
+    import time
+
+    data = tmp_path / "data"
+    run("synth", "generate", "--out", data, "-n", "4", "--size", "64", "--modality", "ct")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "medfm.cli.main", "seg", "train", "--data", str(data)]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out), "--steps", "100000", "--model", "medfm-tiny"],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(10) == 130
+    assert proc.stderr.read().splitlines()[-1] == (
+        "interrupted: run the same command again to resume (seg train: with --resume)"
+    )
+    assert not (out / ".lock").exists()
