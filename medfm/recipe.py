@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -490,3 +490,80 @@ TrainStep = register_step("train", TrainConfig, _run_train, _check_train)
 AverageStep = register_step("average", AverageArgs, _run_average, _check_average)
 CalibrateStep = register_step("calibrate", CalibrateArgs, _run_calibrate)
 EvaluateStep = register_step("evaluate", EvaluateArgs, _run_evaluate, _check_evaluate)
+
+
+# ---------------------------------------------------------------------- diffusion data sources
+
+
+class SynthVolumes(Sequence):
+    """Synthetic 3D volumes made on the fly for diffusion training (`medfm.synth`): item i is
+    case i of a run with ``seed`` (a function of (seed, i) alone), its modality cycling through
+    ``modalities``, mapped to [-1, 1] by that modality's rule (CT: the "other" window). A pool
+    of ``pool`` cases, each made once when first drawn and kept (fp16), so that rendering does
+    not dominate a training step."""
+
+    def __init__(
+        self, modalities: Sequence[str], shape: Sequence[int], seed: int, pool: int = 256
+    ) -> None:
+        self.modalities, self.shape, self.seed = tuple(modalities), tuple(shape), int(seed)
+        self.config = SynthConfig()
+        self.pool = int(pool)
+        self._made: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.pool
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.pool:
+            raise IndexError(i)
+        if i not in self._made:
+            self._made[i] = self._make(i)
+        return self._made[i]
+
+    def _make(self, i: int):
+        import torch
+
+        from medfm.diffusion.data import TrainVolume
+        from medfm.diffusion.intensity import intensity_map
+        from medfm.synth import render_cases, sample_case, to_output
+
+        modality = self.modalities[i % len(self.modalities)]
+        case = sample_case(self.config, modality, self.shape, self.seed, i)
+        image = to_output([case], render_cases([case]).image)[0].float()
+        scaled = intensity_map(image, modality, None).forward(image, clip=True)
+        return TrainVolume(scaled.to(torch.float16), None, f"synth_{modality}_{i}")
+
+
+def diffusion_sources(cfg) -> Callable[[], list]:
+    """Check a `DiffusionTrainConfig`'s ``data`` now (folders hold volumes, ``synth:`` names
+    modalities; nothing is read) and return the function that loads them: each folder a
+    source, each ``synth:M1,M2`` one of synthetic volumes twice the patch's size (at most 128)."""
+    from medfm.diffusion.data import list_volume_files, load_training_volumes
+    from medfm.synth.dataset import parse_modalities
+
+    plans: list[tuple[str, Any]] = []
+    for entry in cfg.data:
+        if entry.startswith("synth:"):
+            mods = parse_modalities(entry[len("synth:") :])
+            if "us" in mods:
+                raise MedfmError("synth:us is 2D-only for diffusion; use synth:ct,mri")
+            plans.append(("synth", mods))
+        else:
+            list_volume_files(entry)
+            plans.append(("folder", entry))
+    m = cfg.model
+    shape = tuple(min(128, 2 * p) for p in m.patch)
+
+    def load() -> list:
+        sources: list = []
+        for kind, arg in plans:
+            if kind == "synth":
+                sources.append(SynthVolumes(arg, shape, cfg.seed))
+            else:
+                sources.append(load_training_volumes(
+                    [arg], modality=m.modality, spacing=m.spacing, region=cfg.region,
+                    dims=m.unet.spatial_dims,
+                ))  # fmt: skip
+        return sources
+
+    return load

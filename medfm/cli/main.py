@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from medfm.cli._common import DeviceOption, OverwriteOption, SeedOption, user_errors
+from medfm.cli.diffusion import diffusion_app
 from medfm.cli.seg import seg_app
 from medfm.errors import MedfmError
 
@@ -185,6 +186,7 @@ def run(
 
 
 app.add_typer(seg_app, name="seg")
+app.add_typer(diffusion_app, name="diffusion")
 
 
 def main() -> None:  # pragma: no cover

@@ -23,6 +23,7 @@ from medfm.errors import MedfmError, validation_message
 from medfm.io.weights import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    check_shapes,
     read_config_json,
     read_state_dict,
     save_weights,
@@ -140,7 +141,13 @@ class DiffusionModel(nn.Module):
         with torch.device("meta"):
             skeleton = cls(config)
         expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-        _check_shapes(Path(folder) / WEIGHTS_NAME, expected)
+        weights = Path(folder) / WEIGHTS_NAME
+        if not weights.is_file():
+            raise MedfmError(f"{weights} is missing; a model folder needs {WEIGHTS_NAME}")
+        check_shapes(
+            expected, weights, what=f"the architecture of {Path(folder) / CONFIG_NAME}",
+            hint="config.json and the weights are not of one model",
+        )  # fmt: skip
         state = read_state_dict(folder)
         model = cls(config)
         model.load_state_dict(state)
@@ -168,29 +175,3 @@ def read_diffusion_config(folder: str | os.PathLike) -> DiffusionConfig:
         return DiffusionConfig.model_validate(raw)
     except ValidationError as e:
         raise MedfmError(f"{path}: {validation_message(e)}") from None
-
-
-def _check_shapes(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
-    """Compare the tensor shapes in a safetensors header with ``expected`` (nothing loaded)."""
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise MedfmError(f"{path} is missing; a model folder needs {WEIGHTS_NAME}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise MedfmError(f"{path} is not a readable safetensors file ({e})") from None
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
-    if missing or extra:
-        raise MedfmError(
-            f"{path} does not match its config.json: {len(missing)} weights missing, "
-            f"{len(extra)} unexpected (e.g. {(missing or extra)[0]})"
-        )
-    for k, shape in expected.items():
-        if found[k] != shape:
-            raise MedfmError(
-                f"{path}: weight {k} has shape {list(found[k])}, config.json's architecture "
-                f"needs {list(shape)}; the folder's files do not belong together"
-            )

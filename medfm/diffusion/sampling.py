@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,14 @@ import torch
 from medfm.diffusion.model import DiffusionModel
 from medfm.diffusion.position import whole_box
 
-__all__ = ["Windows", "initial_noise", "pad_to", "predict_noise", "reverse_process"]
+__all__ = [
+    "Windows",
+    "check_work_memory",
+    "initial_noise",
+    "pad_to",
+    "predict_noise",
+    "reverse_process",
+]
 
 Progress = Callable[[int, int], None]
 AfterStep = Callable[[int, int, torch.Tensor], torch.Tensor]
@@ -120,6 +128,31 @@ def initial_noise(
     return noise.to(device)
 
 
+def check_work_memory(
+    model: DiffusionModel, shape: Sequence[int], *, batch: int = 1, window_batch: int = 4
+) -> None:
+    """Refuse, in one line with the estimate, a reverse process over ``batch`` volumes of
+    ``shape`` whose buffers would not fit in memory: per voxel the sample, its model input,
+    the blended estimate and its weights, noise and the scheduler's state (float32) and the
+    whole volume's position channels; per window the UNet's activations (about a dozen
+    tensors of each level's width)."""
+    from medfm.io.memory import check_memory
+
+    u = model.config.unet
+    voxels = math.prod(int(s) for s in shape) * batch
+    per_voxel = 4 * (8 * u.image_channels + u.position_channels)
+    patch = math.prod(model.config.patch)
+    acts = sum(c * patch / 8**level for level, c in enumerate(u.channels)) * 4 * 12
+    shown = "x".join(str(int(s)) for s in shape)
+    device = next(model.parameters()).device
+    check_memory(
+        voxels * per_voxel + acts * window_batch * batch,
+        f"sampling a {shown} volume" + (f" ({batch} at once)" if batch > 1 else ""),
+        hint="give a smaller volume or crop it",
+        device=device,
+    )
+
+
 @torch.no_grad()
 def reverse_process(
     model: DiffusionModel,
@@ -140,6 +173,7 @@ def reverse_process(
     consistency, RePaint); ``progress(done, total)`` is called after each step."""
     steps = scheduler.timesteps if timesteps is None else timesteps
     steps = [int(t) for t in steps]
+    check_work_memory(model, x.shape[2:], batch=x.shape[0], window_batch=window_batch)
     windows = Windows.plan(x.shape[2:], model.config.patch, overlap)
     dims = len(windows.shape)
     positions = model.positions(whole_box(1, dims), windows.shape, like=x)

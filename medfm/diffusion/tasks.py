@@ -27,6 +27,7 @@ from medfm.diffusion.model import DiffusionModel
 from medfm.diffusion.position import whole_box
 from medfm.diffusion.sampling import (
     Windows,
+    check_work_memory,
     initial_noise,
     pad_to,
     predict_noise,
@@ -78,6 +79,7 @@ def synthesize(
     """``batch`` new volumes (B, C, *shape) in model units."""
     c = model.config.unet.image_channels
     full = [max(s, p) for s, p in zip(shape, model.config.patch, strict=True)]
+    check_work_memory(model, full, batch=batch)
     x = initial_noise((batch, c, *full), generator=generator, device=device)
     sched = make_scheduler(sampler, steps, model.config.schedule)
     x = x * sched.init_noise_sigma
@@ -226,6 +228,7 @@ def inpaint(
         clip_sample=False,
     )
     sched.set_timesteps(steps, jump_length=jump_length, jump_n_sample=jump_n_sample)
+    check_work_memory(model, x.shape[2:], batch=x.shape[0])
     xp, keep = pad_to(x, model.config.patch)
     known, _ = pad_to((~hole).float().expand(x.shape[0], 1, *x.shape[2:]), model.config.patch)
     windows = Windows.plan(xp.shape[2:], model.config.patch)

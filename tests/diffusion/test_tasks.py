@@ -76,3 +76,21 @@ def test_anomaly_map_and_synthesis_shapes(tiny_model):
     assert torch.equal(
         s, synthesize(tiny_model, (6, 10, 20), steps=2, region="chest", generator=_g(4))
     )
+
+
+def test_anomaly_scores_of_a_perfect_and_a_useless_map():
+    from medfm.diffusion.metrics import anomaly_scores, best_dice
+
+    truth = torch.zeros(6, 8, 10, dtype=torch.bool)
+    truth[2:4, 3:5, 4:7] = True
+    perfect = truth.float() + 0.01 * torch.rand(6, 8, 10, generator=_g())
+    s = anomaly_scores(perfect, truth)
+    assert s["auroc"] == pytest.approx(1.0) and s["best_dice"] == pytest.approx(1.0)
+    inverted = anomaly_scores(-perfect, truth)
+    assert inverted["auroc"] == pytest.approx(0.0)
+    dice, threshold = best_dice(torch.arange(10.0), torch.arange(10) >= 6)
+    assert dice == pytest.approx(1.0) and threshold == 6.0
+    with pytest.raises(MedfmError, match="not none or all"):
+        anomaly_scores(perfect, torch.zeros_like(truth))
+    with pytest.raises(MedfmError, match="differs"):
+        anomaly_scores(perfect, truth[:3])

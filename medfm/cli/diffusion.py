@@ -1,0 +1,328 @@
+"""``medfm diffusion``: train a 3D diffusion model and use it zero-shot (sample, denoise,
+anomaly, inpaint). Heavy modules are imported inside the commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medfm.cli._common import DeviceOption, OverwriteOption, SeedOption, user_errors
+from medfm.errors import MedfmError, validation_message
+
+diffusion_app = typer.Typer(
+    help="MedDiff-FM 3D diffusion: train, sample, denoise, find anomalies, inpaint.",
+    no_args_is_help=True,
+)
+
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="A diffusion run or model folder (default: the bundled model)."
+    ),
+]
+RegionOption = Annotated[
+    str | None,
+    typer.Option(help="Anatomical region: head-neck, chest, abdomen or other (the model's)."),
+]
+InputOption = Annotated[Path, typer.Option("--input", "-i", help="A 3D NIfTI volume.")]
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="NIfTI file to write.")]
+StepsOption = Annotated[int, typer.Option(help="Sampler steps over the whole schedule.")]
+
+_NIFTI = (".nii.gz", ".nii")
+
+
+def _numbers(text: str, what: str, n: int) -> list[float]:
+    from medfm.seg.segment import parse_numbers
+
+    values = parse_numbers(text, what)
+    if len(values) == 1:
+        values = values * n
+    if len(values) != n:
+        raise MedfmError(f"{what} {text!r} needs 1 or {n} numbers")
+    return values
+
+
+def _generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def _prepare(model, device, *, input_=None, outputs=(), overwrite=False):
+    """Check the outputs (new, writable, NIfTI, not an input) before the model loads, then
+    load it; returns the model."""
+    from medfm.devices import parse_device
+    from medfm.diffusion.files import diffusion_model_folder, load_diffusion_model
+    from medfm.io import check_new, check_outputs
+
+    dev = parse_device(device)
+    if input_ is not None and not Path(input_).is_file():
+        raise MedfmError(f"--input {input_} does not exist; give a NIfTI volume")
+    folder = diffusion_model_folder(model)
+    for what, path, endings in outputs:
+        check_new(path, what, overwrite=overwrite, endings=endings)
+        check_outputs({what: path}, {"--input": input_, "--model": folder})
+    return load_diffusion_model(folder, device=dev)
+
+
+def _bar(description: str):
+    from medfm.cli.progress import progress_bar
+
+    bar = progress_bar()
+    task = bar.add_task(description, total=None)
+    return bar, lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@diffusion_app.command("sample")
+@user_errors
+def diffusion_sample(
+    shape: Annotated[str, typer.Option(help="Volume size D,H,W in voxels (or one number).")],
+    out: OutOption,
+    model: ModelOption = None,
+    spacing: Annotated[str, typer.Option(help="Voxel size in mm written to the file.")] = "1",
+    region: RegionOption = None,
+    sampler: Annotated[str, typer.Option(help="ddpm, ddim, dpm++ or unipc.")] = "dpm++",
+    steps: StepsOption = 20,
+    seed: SeedOption = 0,
+    device: DeviceOption = "cpu",
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Generate a new volume (CT in HU; MRI scaled to [0, 1])."""
+    import numpy as np
+
+    from medfm.diffusion.intensity import intensity_map
+    from medfm.diffusion.tasks import synthesize
+    from medfm.io import Volume, save_volume
+
+    size = [int(v) for v in _numbers(shape, "--shape", 3)]
+    if any(v < 1 or v != int(v) for v in size):
+        raise MedfmError(f"--shape {shape!r} must be positive whole numbers")
+    mm = _numbers(spacing, "--spacing", 3)
+    if any(v <= 0 for v in mm):
+        raise MedfmError(f"--spacing {spacing!r} must be positive mm")
+    net = _prepare(model, device, outputs=[("--out", out, _NIFTI)], overwrite=overwrite)
+    bar, progress = _bar("sampling")
+    with bar:
+        y = synthesize(
+            net, size, sampler=sampler, steps=steps, region=region, generator=_generator(seed),
+            device=next(net.parameters()).device, progress=progress,
+        )  # fmt: skip
+    if net.config.modality == "ct":
+        data = intensity_map(y, "ct", region).inverse(y[0].cpu())
+    else:
+        data = (y[0].cpu().float() + 1) / 2
+    save_volume(Volume(data=data, affine=np.diag([*mm, 1.0])), out)
+    typer.echo(
+        f"{out}: a {'x'.join(map(str, size))} volume ({sampler}, {steps} steps, seed {seed})"
+    )
+
+
+@diffusion_app.command("denoise")
+@user_errors
+def diffusion_denoise(
+    input_: InputOption,
+    out: OutOption,
+    model: ModelOption = None,
+    noise_std: Annotated[
+        str, typer.Option(help="The input's noise std in its own units, or auto (estimated).")
+    ] = "auto",
+    method: Annotated[
+        str,
+        typer.Option(help="reverse (sampler from the matching step) or posterior (one step)."),
+    ] = "reverse",
+    sampler: Annotated[str, typer.Option(help="ddpm, ddim, dpm++ or unipc.")] = "ddim",
+    steps: StepsOption = 50,
+    region: RegionOption = None,
+    seed: SeedOption = 0,
+    device: DeviceOption = "cpu",
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Remove Gaussian noise from a volume; the output keeps its grid, affine and units."""
+    from medfm.diffusion.files import read_scaled, write_unscaled
+    from medfm.diffusion.tasks import denoise, estimate_noise_std
+
+    sigma = None if noise_std == "auto" else _numbers(noise_std, "--noise-std", 1)[0]
+    if sigma is not None and sigma <= 0:
+        raise MedfmError(f"--noise-std {noise_std!r} must be positive, or auto")
+    net = _prepare(model, device, input_=input_, outputs=[("--out", out, _NIFTI)],
+                   overwrite=overwrite)  # fmt: skip
+    scaled = read_scaled(input_, net, region=region)
+    if sigma is None:
+        s_model = estimate_noise_std(scaled.x)
+        sigma = s_model / scaled.imap.to_model_sigma(1.0)
+    else:
+        s_model = scaled.imap.to_model_sigma(sigma)
+    bar, progress = _bar("denoising")
+    with bar:
+        y = denoise(
+            net, scaled.x, s_model, method=method, sampler=sampler, steps=steps, region=region,
+            generator=_generator(seed), progress=progress,
+        )  # fmt: skip
+    write_unscaled(y, scaled, out)
+    typer.echo(f"{out}: denoised (noise std {sigma:.4g} in the input's units, {method})")
+
+
+@diffusion_app.command("anomaly")
+@user_errors
+def diffusion_anomaly(
+    input_: InputOption,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Anomaly map NIfTI to write.")],
+    model: ModelOption = None,
+    t: Annotated[int, typer.Option("--t", help="Noise to this step of the schedule.")] = 950,
+    steps: StepsOption = 50,
+    mask: Annotated[
+        Path | None, typer.Option(help="Ground-truth anomaly mask: scores go to --report.")
+    ] = None,
+    report: Annotated[Path | None, typer.Option(help="JSON report (with --mask).")] = None,
+    region: RegionOption = None,
+    seed: SeedOption = 0,
+    device: DeviceOption = "cpu",
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Map how anomalous each voxel is: noise, reconstruct, smoothed residual."""
+    import json
+
+    from medfm.diffusion.files import read_scaled, write_unscaled
+    from medfm.diffusion.metrics import anomaly_scores
+    from medfm.diffusion.tasks import anomaly_map
+    from medfm.io import load_volume
+    from medfm.io.atomic import atomic_write_text
+
+    if report is not None and mask is None:
+        raise MedfmError("--report needs --mask (the ground truth it scores against)")
+    outputs = [("--out", out, _NIFTI)] + ([("--report", report, (".json",))] if report else [])
+    net = _prepare(model, device, input_=input_, outputs=outputs, overwrite=overwrite)
+    scaled = read_scaled(input_, net, region=region)
+    truth = None
+    if mask is not None:
+        truth = load_volume(mask).data
+        if tuple(truth.shape[1:]) != tuple(scaled.x.shape[2:]):
+            raise MedfmError(
+                f"--mask {mask} has shape {tuple(truth.shape[1:])}, the image "
+                f"{tuple(scaled.x.shape[2:])}; give a mask on the image's grid"
+            )
+    bar, progress = _bar("anomaly map")
+    with bar:
+        amap = anomaly_map(net, scaled.x, t=t, steps=steps, region=region,
+                           generator=_generator(seed), progress=progress)  # fmt: skip
+    write_unscaled(amap, scaled, out, units=False)
+    msg = f"{out}: anomaly map (t={t})"
+    if truth is not None:
+        scores = anomaly_scores(amap[0, 0].cpu(), truth[0] != 0)
+        if report is not None:
+            atomic_write_text(
+                report, json.dumps({"input": str(input_), "t": t, **scores}, indent=2) + "\n"
+            )
+        msg += f"; AUROC {scores['auroc']:.4f}, best Dice {scores['best_dice']:.4f}"
+    typer.echo(msg)
+
+
+@diffusion_app.command("inpaint")
+@user_errors
+def diffusion_inpaint(
+    input_: InputOption,
+    mask: Annotated[Path, typer.Option(help="Region to regenerate (non-zero voxels).")],
+    out: OutOption,
+    model: ModelOption = None,
+    steps: StepsOption = 50,
+    jump_length: Annotated[int, typer.Option(help="RePaint: steps per resampling jump.")] = 10,
+    jump_n_sample: Annotated[int, typer.Option(help="RePaint: resamplings per jump.")] = 5,
+    region: RegionOption = None,
+    seed: SeedOption = 0,
+    device: DeviceOption = "cpu",
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Regenerate the masked region of a volume from its surroundings (RePaint)."""
+    from medfm.diffusion.files import read_scaled, write_unscaled
+    from medfm.diffusion.tasks import inpaint
+    from medfm.io import load_volume
+
+    if not Path(mask).is_file():
+        raise MedfmError(f"--mask {mask} does not exist; give a NIfTI mask")
+    net = _prepare(model, device, input_=input_, outputs=[("--out", out, _NIFTI)],
+                   overwrite=overwrite)  # fmt: skip
+    from medfm.io import check_outputs
+
+    check_outputs({"--out": out}, {"--mask": mask})
+    scaled = read_scaled(input_, net, region=region)
+    region_mask = load_volume(mask).data
+    if tuple(region_mask.shape[1:]) != tuple(scaled.x.shape[2:]):
+        raise MedfmError(
+            f"--mask {mask} has shape {tuple(region_mask.shape[1:])}, the image "
+            f"{tuple(scaled.x.shape[2:])}; give a mask on the image's grid"
+        )
+    hole = (region_mask[None] != 0).to(scaled.x.device)
+    bar, progress = _bar("inpainting")
+    with bar:
+        y = inpaint(net, scaled.x, hole, steps=steps, jump_length=jump_length,
+                    jump_n_sample=jump_n_sample, region=region, generator=_generator(seed),
+                    progress=progress)  # fmt: skip
+    write_unscaled(y, scaled, out)
+    typer.echo(f"{out}: {int(hole.sum())} voxels inpainted")
+
+
+@diffusion_app.command("train")
+@user_errors
+def diffusion_train(
+    data: Annotated[
+        list[str],
+        typer.Option("--data", help="nnU-Net raw or NIfTI folder, or synth:ct,mri; repeat."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")],
+    patch: Annotated[int, typer.Option(help="Training patch edge (voxels).")] = 64,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 10000,
+    batch: Annotated[int, typer.Option(help="Patches per step.")] = 2,
+    channels: Annotated[str, typer.Option(help="UNet channels per level.")] = "32,64,128,256",
+    modality: Annotated[str, typer.Option(help="mri or ct (intensity scaling).")] = "mri",
+    region: RegionOption = None,
+    loss: Annotated[str, typer.Option(help="l1 (MedDiff-FM's) or l2.")] = "l1",
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
+    seed: SeedOption = 0,
+    device: DeviceOption = "cpu",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run.")] = False,
+) -> None:
+    """Pre-train a diffusion model on volumes (image and patch level, position embedding)."""
+    from pydantic import ValidationError
+
+    from medfm.cli.progress import progress_bar
+    from medfm.devices import parse_device
+    from medfm.diffusion.config import DiffusionConfig, UNetConfig
+    from medfm.diffusion.train import DiffusionTrainConfig, train
+    from medfm.io import check_outputs
+    from medfm.recipe import diffusion_sources
+
+    parse_device(device)
+    widths = [int(c) for c in _numbers(channels, "--channels", len(channels.split(",")))]
+    levels = len(widths)
+    try:
+        cfg = DiffusionTrainConfig(
+            out=str(out), data=tuple(data), steps=steps, batch=batch, loss=loss, lr=lr,
+            checkpoint_every=checkpoint_every, seed=seed, device=device, region=region,
+            model=DiffusionConfig(
+                unet=UNetConfig(
+                    channels=tuple(widths),
+                    attention_levels=tuple(i == levels - 1 for i in range(levels)),
+                    norm_num_groups=min(32, *widths),
+                    num_head_channels=min(32, widths[-1]),
+                ),
+                patch=(patch,) * 3, modality=modality,
+            ),
+        )  # fmt: skip
+    except ValidationError as e:
+        raise MedfmError(validation_message(e, as_option=True)) from None
+    for d in data:
+        if not d.startswith("synth:"):
+            check_outputs({"--out": out}, {"--data": d})
+    loader = diffusion_sources(cfg)
+    with progress_bar(info=True) as bar:
+        task = bar.add_task("training", total=steps, info="")
+
+        def progress(step: int, metrics: dict) -> None:
+            bar.update(task, completed=step, info=f"loss {metrics.get('loss', 0):.4f}")
+
+        final = train(cfg, loader, resume=resume, log=lambda m: typer.echo(m, err=True),
+                      progress=progress)  # fmt: skip
+    typer.echo(f"model saved in {final}")
