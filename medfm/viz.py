@@ -24,6 +24,7 @@ __all__ = [
     "overlay_row",
     "prompt_overlay",
     "to_grey",
+    "volume_tiles",
 ]
 
 TILE = 192
@@ -94,6 +95,15 @@ def mid_slices(image: torch.Tensor, label: torch.Tensor) -> list[tuple[torch.Ten
         i = image.shape[axis] // 2
         out.append((image.select(axis, i), label.select(axis, i)))
     return out
+
+
+def volume_tiles(
+    image: torch.Tensor, label: torch.Tensor | None = None, size: int = TILE
+) -> list[np.ndarray]:
+    """A volume (X, Y, Z) as three (size, size, 3) uint8 tiles of its middle slices (axis 2,
+    1, 0), with ``label``'s outlines when given."""
+    lab = torch.zeros(image.shape, dtype=torch.long) if label is None else label
+    return [outline_tile(a, b, size) for a, b in mid_slices(image, lab)]
 
 
 def montage(rows: Sequence[Sequence[np.ndarray]], tile: int = TILE) -> np.ndarray:

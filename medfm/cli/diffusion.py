@@ -280,6 +280,12 @@ def diffusion_train(
     loss: Annotated[str, typer.Option(help="l1 (MedDiff-FM's) or l2.")] = "l1",
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
+    sample_every: Annotated[
+        int | None, typer.Option(help="Steps between sample montages (OUT/samples/).")
+    ] = None,
+    checkpointing: Annotated[
+        bool, typer.Option("--checkpointing", help="Activation checkpointing (less memory).")
+    ] = False,
     seed: SeedOption = 0,
     device: DeviceOption = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run.")] = False,
@@ -301,6 +307,7 @@ def diffusion_train(
         cfg = DiffusionTrainConfig(
             out=str(out), data=tuple(data), steps=steps, batch=batch, loss=loss, lr=lr,
             checkpoint_every=checkpoint_every, seed=seed, device=device, region=region,
+            sample_every=sample_every, checkpointing=checkpointing,
             model=DiffusionConfig(
                 unet=UNetConfig(
                     channels=tuple(widths),

@@ -56,6 +56,25 @@ class DiffusionModel(nn.Module):
             "num_class_embeds": len(u.regions) or None,
         }
 
+    def enable_checkpointing(self) -> None:
+        """Recompute each UNet block's activations in the backward pass instead of keeping
+        them (activation checkpointing: far less memory for a 128^3 patch, ~30% more time)."""
+        from torch.utils.checkpoint import checkpoint
+
+        u = self.unet
+        for block in [*u.down_blocks, u.middle_block, *u.up_blocks]:
+            if getattr(block, "_medfm_checkpointed", False):
+                continue
+            inner = block.forward
+
+            def forward(*args, _inner=inner, **kwargs):
+                if torch.is_grad_enabled() and self.training:
+                    return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+                return _inner(*args, **kwargs)
+
+            block.forward = forward
+            block._medfm_checkpointed = True
+
     def region_index(self, region: str | None) -> int | None:
         """The class index of a region name; None (no region given) is "other" when the model
         knows it. MedfmError for a name the model does not know."""

@@ -46,7 +46,7 @@ class DiffusionTrainConfig(EngineConfig):
     ``data``: the sources as given (folders, or ``synth:ct,mri``: made by the caller);
     ``patch_kinds``: the weights of the whole / zoom / crop patches; ``region``: every
     volume's region (None: each set's own); ``sample_every``: steps between sample montages
-    (None: none).
+    (None: none); ``checkpointing``: activation checkpointing (memory for time).
     """
 
     data: tuple[str, ...] = Field(min_length=1)
@@ -56,6 +56,7 @@ class DiffusionTrainConfig(EngineConfig):
     patch_kinds: tuple[float, float, float] = (1.0, 1.0, 1.0)
     region: str | None = None
     sample_every: int | None = Field(None, ge=1)
+    checkpointing: bool = False
     lr: float = Field(1e-4, gt=0)
     warmup: int = Field(500, ge=0)
     ema_decay: float | None = Field(0.999, gt=0, lt=1)
@@ -124,6 +125,8 @@ class DiffusionTask(Task):
         with torch.random.fork_rng(devices=[]):  # initial weights: a function of the seed
             torch.manual_seed(cfg.seed)
             self.model = DiffusionModel(cfg.model)
+        if cfg.checkpointing:
+            self.model.enable_checkpointing()
         self.module = NoiseLoss(self.model, cfg.loss).to(dist.device)
         self._regions = cfg.model.unet.regions
 
@@ -172,6 +175,23 @@ class DiffusionTask(Task):
             model = DiffusionModel(self.cfg.model)
             model.load_state_dict(ema)
         return model.save_pretrained(folder)
+
+    def after_step(self, step: int, out: Path, ema) -> None:
+        """Every ``sample_every`` steps: OUT/samples/step_N.png, two volumes of the patch's
+        size sampled from the EMA weights (DPM-Solver++, 20 steps, seeded by the step)."""
+        every = self.cfg.sample_every
+        if every is None or step % every:
+            return
+        from medfm.diffusion.preview import write_montage
+        from medfm.diffusion.tasks import synthesize
+
+        model = DiffusionModel(self.cfg.model).to(self.dist.device)
+        model.load_state_dict(ema.state_dict() if ema is not None else self.model.state_dict())
+        g = torch.Generator().manual_seed(step)
+        x = synthesize(model.eval(), self.cfg.model.patch, batch=2, generator=g,
+                       device=self.dist.device)  # fmt: skip
+        (out / "samples").mkdir(exist_ok=True)
+        write_montage(list(x), out / "samples" / f"step_{step:07d}.png")
 
     def compile(self) -> None:
         self.model.unet.forward = torch.compile(self.model.unet.forward)

@@ -66,6 +66,10 @@ class Task:
         """Write the final model into ``folder`` (``ema``: the EMA weights, if kept)."""
         raise NotImplementedError
 
+    def after_step(self, step: int, out: Path, ema: EMA | None) -> None:
+        """Called on the main process after optimizer step ``step`` (1-based) and its
+        checkpoint: previews, samples (default: nothing). ``ema``: the EMA weights, if kept."""
+
     def compile(self) -> None:
         """torch.compile what is worth compiling (default: the module's forward)."""
         self.module.forward = torch.compile(self.module.forward)
@@ -239,6 +243,8 @@ class Engine:
                     self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
                 ):
                     self.save_checkpoint()
+                if self.dist.main:
+                    self.task.after_step(self.step, self.out, self.ema)
         finally:
             if log is not None:
                 log.close()

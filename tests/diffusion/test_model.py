@@ -64,3 +64,18 @@ def test_unknown_region_is_one_line(tiny_model):
     with pytest.raises(MedfmError, match="unknown region 'knee'"):
         tiny_model.region_index("knee")
     assert tiny_model.region_index(None) == 3
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    plain = untrained(tiny_config()).train()
+    ckpt = untrained(tiny_config()).train()
+    ckpt.enable_checkpointing()
+    x, t = (
+        torch.randn(2, 1, 8, 8, 16, generator=torch.Generator().manual_seed(0)),
+        torch.tensor([5, 50]),
+    )
+    grads = []
+    for m in (plain, ckpt):
+        m(x, t).square().mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))

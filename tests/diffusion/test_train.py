@@ -41,6 +41,16 @@ def test_training_learns_saves_ema_and_resumes_exactly(tmp_path):
     assert all(torch.equal(final[k], other[k]) for k in final)
 
 
+def test_samples_are_drawn_every_k_steps(tmp_path):
+    cfg = _cfg(tmp_path / "s").model_copy(update={"sample_every": 2, "steps": 4})
+    train(cfg, _sources())
+    pngs = sorted(p.name for p in (tmp_path / "s" / "samples").iterdir())
+    assert pngs == ["step_0000002.png", "step_0000004.png"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "s" / "samples" / pngs[0]).size == (3 * 192, 2 * 192)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="patch_kinds"):
         DiffusionTrainConfig(out="x", steps=1, data=("d",), patch_kinds=(0, 0, 0))
