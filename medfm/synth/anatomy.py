@@ -422,6 +422,29 @@ def sample_anatomy(
     )
 
 
+def n_field_structures(params: AnatomyParams) -> int:
+    """How many leading structures make up the body (CT, MRI: the fat layer and the body
+    inside it, both about the one centre) or the field (ultrasound: the tissue filling it and
+    the near-field layers under the probe, radius 1.5 or more): unlabelled, never a target."""
+    first = params.structures[0]
+    n = 0
+    for s in params.structures:
+        if s.label != 0 or s.kind != "blob":
+            break
+        if max(s.radii) < 1.5 and s.center != first.center:
+            break
+        n += 1
+    return n
+
+
+def field_slots(params: list[AnatomyParams], n_slots: int) -> torch.Tensor:
+    """(B, n_slots) bool: True at slot k + 1 of each of the `n_field_structures` of a case."""
+    out = torch.zeros(len(params), n_slots, dtype=torch.bool)
+    for b, p in enumerate(params):
+        out[b, 1 : 1 + n_field_structures(p)] = True
+    return out
+
+
 def normalized_grid(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """(ndim, *shape) isotropic normalised coordinates (see module docstring)."""
     m = max(max(shape) - 1, 1)
