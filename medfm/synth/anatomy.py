@@ -547,16 +547,25 @@ def _blob_rho(s: Structure, x: torch.Tensor, table: torch.Tensor) -> torch.Tenso
 
 
 def _tube_rho(s: Structure, x: torch.Tensor) -> torch.Tensor:
-    """Distance to the polyline through ``s.points`` over the tube radius."""
+    """Distance to the polyline through ``s.points`` over the tube radius (one segment at a
+    time, keeping the nearest: no (segments, ndim, *S) intermediates)."""
     nd = x.shape[0]
     p = torch.tensor(s.points, device=x.device)
     a, d = p[:-1], p[1:] - p[:-1]  # (J, nd)
-    shape = (-1, nd) + (1,) * nd
-    rel = x.unsqueeze(0) - a.view(shape)  # (J, nd, *S)
-    dd = (d * d).sum(1).clamp_min(1e-12).view(-1, *([1] * nd))
-    t = ((rel * d.view(shape)).sum(1) / dd).clamp(0, 1)  # (J, *S)
-    diff = rel - t.unsqueeze(1) * d.view(shape)
-    return (diff * diff).sum(1).amin(0).sqrt() / s.tube_radius
+    dd = (d * d).sum(1).clamp_min(1e-12)
+    best = None
+    for j in range(a.shape[0]):
+        rel = [x[i] - a[j, i] for i in range(nd)]
+        dot = rel[0] * d[j, 0]
+        for i in range(1, nd):
+            dot = dot + rel[i] * d[j, i]
+        t = (dot / dd[j]).clamp_(0, 1)
+        dist = None
+        for i in range(nd):
+            e = rel[i] - t * d[j, i]
+            dist = e * e if dist is None else dist.add_(e * e)
+        best = dist if best is None else torch.minimum(best, dist, out=best)
+    return best.sqrt_().div_(s.tube_radius)
 
 
 def _extent(
