@@ -6,6 +6,10 @@ RandomBlur -> RandomNoise -> RandomGamma applied to a ready-made label map of th
 (on the CPU: TorchIO has no GPU path), and the ratios. Targets on 2 CPU cores: >= 10x in 2D
 256^2, >= 5x in 3D 128^3; on a GPU >= 2000 2D cases/s.
 
+The modalities and the TorchIO chain are timed in alternation, round after round (``--rounds``),
+and each rate is the median over the rounds: on a machine that others load, the load falls on
+both sides of each ratio alike. The machine's load average before and after is printed.
+
     python benchmarks/bench_synth.py [--device cpu|cuda] [--quick]
 
 medfm's timing covers drawing the parameters, rendering and converting to the output dtype
@@ -22,17 +26,13 @@ import time
 import warnings
 
 import torch
-from _common import best_time, environment, sync
+from _common import environment, interleaved_times, load_average, sync
 
 from medfm.synth.case import SynthConfig, render_cases, sample_case, to_output
 
 
-def best_rate(run, n: int, device: torch.device) -> float:
-    """n / (fastest of REPEATS timings of run(seed))."""
-    return n / best_time(run, device)
-
-
-def medfm_rate(modality: str, shape: tuple[int, ...], n: int, batch: int, device) -> float:
+def medfm_run(modality: str, shape: tuple[int, ...], n: int, batch: int, device):
+    """A warmed-up run(round) that draws, renders and converts n cases (seeds per round)."""
     cfg = SynthConfig()
     warm = [sample_case(cfg, modality, shape, 999, i) for i in range(min(batch, 2))]
     to_output(warm, render_cases(warm, device).image)
@@ -44,7 +44,7 @@ def medfm_rate(modality: str, shape: tuple[int, ...], n: int, batch: int, device
             cases = [sample_case(cfg, modality, shape, seed, i) for i in range(start, stop)]
             to_output(cases, render_cases(cases, device).image)
 
-    return best_rate(run, n, device)
+    return run
 
 
 def write_rate(dim: int, size: str, n: int, batch: int, device: str) -> float:
@@ -58,7 +58,8 @@ def write_rate(dim: int, size: str, n: int, batch: int, device: str) -> float:
         return n / (time.perf_counter() - t0)
 
 
-def torchio_rate(shape: tuple[int, ...], n: int) -> float:
+def torchio_run(shape: tuple[int, ...], n: int):
+    """A warmed-up run(round) of the TorchIO chain on n copies of a ready-made label map."""
     import torchio as tio
 
     cases = [sample_case(SynthConfig(), "ct", shape, 7, 0)]
@@ -79,10 +80,15 @@ def torchio_rate(shape: tuple[int, ...], n: int) -> float:
             tio.RandomGamma(),
         ]
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        chain(subject)
-        return best_rate(lambda seed: [chain(subject) for _ in range(n)], n, torch.device("cpu"))
+
+    def run(seed: int) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(n):
+                chain(subject)
+
+    run(0)
+    return run
 
 
 def main() -> None:
@@ -97,6 +103,7 @@ def main() -> None:
     ap.add_argument("--batch3d", type=int, default=2)
     ap.add_argument("--torchio-n2d", type=int, default=20)
     ap.add_argument("--torchio-n3d", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
     ap.add_argument("--no-torchio", action="store_true")
     ap.add_argument("--write", action="store_true", help="also time writing a dataset")
     ap.add_argument("--quick", action="store_true", help="small counts (a smoke run)")
@@ -104,10 +111,12 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.quick:
-        a.n2d, a.n3d, a.torchio_n2d, a.torchio_n3d = 16, 2, 3, 1
+        a.n2d, a.n3d, a.torchio_n2d, a.torchio_n3d, a.rounds = 16, 2, 3, 1, 3
         a.size3d = min(a.size3d, 64)
     device = torch.device(a.device)
     out: dict = environment("synth", device)
+    out["rounds"] = a.rounds
+    out["load_average_before"] = load_average()
     targets = {"2d": 10.0, "3d": 5.0}
     ok = True
     for dim, size, n, batch, tio_n in (
@@ -115,10 +124,16 @@ def main() -> None:
         ("3d", a.size3d, a.n3d, a.batch3d, a.torchio_n3d),
     ):
         shape = (size,) * (2 if dim == "2d" else 3)
-        rates = {m: round(medfm_rate(m, shape, n, batch, device), 2) for m in ("ct", "mri", "us")}
+        runs = {m: medfm_run(m, shape, n, batch, device) for m in ("ct", "mri", "us")}
+        counts = dict.fromkeys(runs, n)
+        if not a.no_torchio:
+            runs["torchio"] = torchio_run(shape, tio_n)
+            counts["torchio"] = tio_n
+        med = interleaved_times(runs, device, a.rounds)
+        rates = {m: round(counts[m] / med[m], 2) for m in ("ct", "mri", "us")}
         res: dict = {"shape": list(shape), "batch": batch, "medfm_cases_per_s": rates}
         if not a.no_torchio:
-            tio_rate = torchio_rate(shape, tio_n)
+            tio_rate = counts["torchio"] / med["torchio"]
             res["torchio_cases_per_s"] = round(tio_rate, 3)
             res["ratio"] = {m: round(r / tio_rate, 1) for m, r in rates.items()}
             res["target_ratio"] = targets[dim]
@@ -129,6 +144,7 @@ def main() -> None:
                 write_rate(2 if dim == "2d" else 3, str(size), n, batch, a.device), 2
             )
         out[dim] = res
+    out["load_average_after"] = load_average()
     if device.type == "cuda":
         out["gpu_target_2d_cases_per_s"] = 2000
         out["meets_gpu_target"] = min(out["2d"]["medfm_cases_per_s"].values()) >= 2000

@@ -422,6 +422,29 @@ def sample_anatomy(
     )
 
 
+def n_field_structures(params: AnatomyParams) -> int:
+    """How many leading structures make up the body (CT, MRI: the fat layer and the body
+    inside it, both about the one centre) or the field (ultrasound: the tissue filling it and
+    the near-field layers under the probe, radius 1.5 or more): unlabelled, never a target."""
+    first = params.structures[0]
+    n = 0
+    for s in params.structures:
+        if s.label != 0 or s.kind != "blob":
+            break
+        if max(s.radii) < 1.5 and s.center != first.center:
+            break
+        n += 1
+    return n
+
+
+def field_slots(params: list[AnatomyParams], n_slots: int) -> torch.Tensor:
+    """(B, n_slots) bool: True at slot k + 1 of each of the `n_field_structures` of a case."""
+    out = torch.zeros(len(params), n_slots, dtype=torch.bool)
+    for b, p in enumerate(params):
+        out[b, 1 : 1 + n_field_structures(p)] = True
+    return out
+
+
 def normalized_grid(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """(ndim, *shape) isotropic normalised coordinates (see module docstring)."""
     m = max(max(shape) - 1, 1)
@@ -524,16 +547,25 @@ def _blob_rho(s: Structure, x: torch.Tensor, table: torch.Tensor) -> torch.Tenso
 
 
 def _tube_rho(s: Structure, x: torch.Tensor) -> torch.Tensor:
-    """Distance to the polyline through ``s.points`` over the tube radius."""
+    """Distance to the polyline through ``s.points`` over the tube radius (one segment at a
+    time, keeping the nearest: no (segments, ndim, *S) intermediates)."""
     nd = x.shape[0]
     p = torch.tensor(s.points, device=x.device)
     a, d = p[:-1], p[1:] - p[:-1]  # (J, nd)
-    shape = (-1, nd) + (1,) * nd
-    rel = x.unsqueeze(0) - a.view(shape)  # (J, nd, *S)
-    dd = (d * d).sum(1).clamp_min(1e-12).view(-1, *([1] * nd))
-    t = ((rel * d.view(shape)).sum(1) / dd).clamp(0, 1)  # (J, *S)
-    diff = rel - t.unsqueeze(1) * d.view(shape)
-    return (diff * diff).sum(1).amin(0).sqrt() / s.tube_radius
+    dd = (d * d).sum(1).clamp_min(1e-12)
+    best = None
+    for j in range(a.shape[0]):
+        rel = [x[i] - a[j, i] for i in range(nd)]
+        dot = rel[0] * d[j, 0]
+        for i in range(1, nd):
+            dot = dot + rel[i] * d[j, i]
+        t = (dot / dd[j]).clamp_(0, 1)
+        dist = None
+        for i in range(nd):
+            e = rel[i] - t * d[j, i]
+            dist = e * e if dist is None else dist.add_(e * e)
+        best = dist if best is None else torch.minimum(best, dist, out=best)
+    return best.sqrt_().div_(s.tube_radius)
 
 
 def _extent(

@@ -20,6 +20,7 @@ from medfm.synth.anatomy import (
     AnatomyConfig,
     AnatomyParams,
     anatomy_noise_shape,
+    field_slots,
     normalized_grid,
     render_anatomy,
     sample_anatomy,
@@ -188,15 +189,35 @@ def draw_noise(case: CaseParams, device: torch.device) -> dict[str, torch.Tensor
 
 
 def _compact_labels(
-    slots: torch.Tensor, label_lut: torch.Tensor, min_voxels: int, visible: torch.Tensor | None
+    slots: torch.Tensor,
+    label_lut: torch.Tensor,
+    min_voxels: int,
+    visible: torch.Tensor | None,
+    field: torch.Tensor,
 ) -> torch.Tensor:
-    """Drop labels with fewer than ``min_voxels`` visible voxels and renumber the rest 1..n."""
+    """Drop labels with fewer than ``min_voxels`` visible voxels and renumber the rest 1..n.
+
+    A case whose drawn labels are all out of view (outside the ultrasound beam, covered, or
+    too small for its grid) gets one label all the same, so every label map shows a structure:
+    the unlabelled structure with the most visible voxels (``min_voxels`` or more) that is not
+    part of the body or the field (``field``, (B, K + 1) bool), else the visible structure with
+    the most voxels (the body in CT and MRI, the tissue in the beam in ultrasound). A case with
+    a drawn label in view is unchanged."""
     B, K1 = label_lut.shape
     counts = torch.zeros(B, K1, device=slots.device, dtype=torch.long)
     ones = torch.ones_like(slots.flatten(1)) if visible is None else visible.flatten(1).long()
     counts.scatter_add_(1, slots.flatten(1), ones)
     lut = label_lut.to(slots.device)
     keep = (lut > 0) & (counts >= min_voxels)
+    empty = ~keep.any(1)
+    if bool(empty.any()):
+        counts[:, 0] = 0  # slot 0: outside every structure
+        field = field.to(slots.device)
+        inner = torch.where(field | (counts < min_voxels), 0, counts)
+        best = torch.where(inner.amax(1) > 0, inner.argmax(1), counts.argmax(1))
+        promoted = torch.zeros_like(keep).scatter_(1, best.unsqueeze(1), True) & empty[:, None]
+        lut = torch.where(promoted, 1, lut)
+        keep = keep | promoted
     present = torch.zeros(B, int(lut.max()) + 2, dtype=torch.long, device=slots.device)
     present.scatter_(1, torch.where(keep, lut, 0), 1)
     present[:, 0] = 0
@@ -233,7 +254,8 @@ def render_cases(cases: list[CaseParams], device: torch.device | str = "cpu") ->
         acoustic = gather_slots(us.acoustic_table(tissues, device), slots)
         image, visible = us.render(physics, image, acoustic, noise)
         visible = visible[:, 0]  # labels only inside the beam
-    lut = _compact_labels(slots, label_lut, cases[0].min_voxels, visible)
+    field = field_slots(anatomies, label_lut.shape[1])
+    lut = _compact_labels(slots, label_lut, cases[0].min_voxels, visible, field)
     label = lut.gather(1, slots.flatten(1)).view(slots.shape).unsqueeze(1)
     if visible is not None:
         label = label * visible.unsqueeze(1)

@@ -146,7 +146,8 @@ def gather_slots(table: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """table (B, K, F), slots (B, *S) int64 -> (B, F, *S)."""
     B, _, nf = table.shape
     idx = slots.reshape(B, 1, -1).expand(B, nf, -1)
-    return table.transpose(1, 2).gather(2, idx).view(B, nf, *slots.shape[1:])
+    # gather from a contiguous (B, F, K) table: several times faster than from its transpose
+    return table.transpose(1, 2).contiguous().gather(2, idx).view(B, nf, *slots.shape[1:])
 
 
 def render_texture(
