@@ -7,15 +7,21 @@ its own process, since the OpenMP runtime reads its environment when torch is lo
 
 - ``old``: torch's defaults, as before medfm.threads (torch imported before medfm: one thread
   per core, GNU OpenMP's spinning wait);
-- ``new``: what every medfm command now sets (`medfm.threads.configure_threads`);
+- ``passive``: idle threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``);
+- ``new``: what every medfm command sets (`medfm.threads.configure_threads`: a short spin,
+  ``GOMP_SPINCOUNT``);
 - ``new-1``: the same with ``MEDFM_THREADS=1``.
+
+``--workload synth`` times the rendering of 16 synthetic 256 x 256 CT cases instead (many
+small parallel regions: where a wait policy shows most).
 
 Each round times the workload quiet, then with a ``while True: pass`` subprocess running, and
 stops it. Prints one JSON object: per setting the median quiet and busy seconds and the median
 of the rounds' busy / quiet ratios (each round's pair ran close in time, so the ratio is less
 disturbed by other load on a shared machine than the two medians are).
 
-    python benchmarks/bench_busy.py [--rounds 5] [--images 4] [--settings old,new,new-1]
+    python benchmarks/bench_busy.py [--rounds 5] [--images 4] [--settings old,passive,new,new-1]
+                                    [--workload predict|synth]
 """
 
 from __future__ import annotations
@@ -28,20 +34,17 @@ import subprocess
 import sys
 import time
 
-SETTINGS = ("old", "new", "new-1")
+SETTINGS = ("old", "passive", "new", "new-1")
 SPIN = "while True: pass"
 
 
-def child(setting: str, rounds: int, images: int) -> dict:
-    """Runs in a fresh process: apply ``setting``, time the workload quiet and busy."""
-    if setting == "old":
-        import torch  # noqa: F401 (loaded before medfm: the OpenMP runtime keeps its defaults)
-    else:
-        if setting == "new-1":
-            os.environ["MEDFM_THREADS"] = "1"
-        from medfm.threads import configure_threads
+def _workload(kind: str, images: int):
+    """The function to time: predict-like (``images`` images) or synthetic rendering."""
+    if kind == "synth":
+        from medfm.synth.case import SynthConfig, render_cases, sample_case
 
-        configure_threads()
+        cases = [sample_case(SynthConfig(), "ct", (256, 256), 0, i) for i in range(16)]
+        return lambda: render_cases(cases)
     import numpy as np
     import torch
 
@@ -53,11 +56,34 @@ def child(setting: str, rounds: int, images: int) -> dict:
     box = np.array([[64, 64, 192, 192]])
     seg = Segmenter(build_model("medfm-tiny"), "medfm-tiny", torch.device("cpu"))
 
-    def run() -> float:
-        t0 = time.perf_counter()
+    def predict() -> None:
         for img in imgs:
             seg.set_image(img)
             seg.predict(boxes=box)
+
+    return predict
+
+
+def child(setting: str, rounds: int, images: int, workload: str = "predict") -> dict:
+    """Runs in a fresh process: apply ``setting``, time the workload quiet and busy."""
+    if setting == "old":
+        import torch  # noqa: F401 (loaded before medfm: the OpenMP runtime keeps its defaults)
+    elif setting == "passive":
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        import torch  # noqa: F401
+    else:
+        if setting == "new-1":
+            os.environ["MEDFM_THREADS"] = "1"
+        from medfm.threads import configure_threads
+
+        configure_threads()
+    import torch
+
+    work = _workload(workload, images)
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        work()
         return time.perf_counter() - t0
 
     run()  # warm-up
@@ -74,6 +100,7 @@ def child(setting: str, rounds: int, images: int) -> dict:
     return {
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "quiet": quiet,
         "busy": busy,
     }
@@ -84,16 +111,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--workload", choices=("predict", "synth"), default="predict")
     ap.add_argument("--child", choices=SETTINGS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.rounds, args.images)))
+        print(json.dumps(child(args.child, args.rounds, args.images, args.workload)))
         return
 
     import platform
 
     env = {k: v for k, v in os.environ.items()}
-    for var in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MEDFM_THREADS", "MKL_NUM_THREADS"):
+    omp = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+    for var in (*omp, "MEDFM_THREADS", "MKL_NUM_THREADS"):
         env.pop(var, None)
     result: dict = {
         "benchmark": "busy",
@@ -101,11 +130,14 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "images": args.images,
         "rounds": args.rounds,
-        "workload": "medfm-tiny set_image + predict(1 box) per 256x256 image",
+        "workload": "medfm-tiny set_image + predict(1 box) per 256x256 image"
+        if args.workload == "predict"
+        else "render 16 synthetic 256x256 CT cases",
     }
     for setting in args.settings.split(","):
         cmd = [sys.executable, __file__, "--child", setting]
         cmd += ["--rounds", str(args.rounds), "--images", str(args.images)]
+        cmd += ["--workload", args.workload]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         ratios = [b / q for q, b in zip(r["quiet"], r["busy"], strict=True)]

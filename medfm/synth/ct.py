@@ -202,9 +202,10 @@ def _line_artifacts(params: list[CTParams], grid: torch.Tensor) -> torch.Tensor 
             t = (((x - a) * d).sum(0) / (d * d).sum().clamp_min(1e-6)).clamp(0, 1)
             diff = x - (a + t * d)
             # a cheap distance picks the pixels near the band; the band's own distance there
-            near = diff[0].square() + diff[1].square() < (_BAND * width) ** 2
+            dist2 = diff[0].square() + diff[1].square()
+            near = dist2 < (_BAND * width) ** 2
             if bool(near.any()):
-                dist = diff[:, near].norm(dim=0)
+                dist = dist2[near].sqrt()
                 band = torch.zeros_like(out[b, 0])
                 band[near] = amp * torch.exp(-0.5 * (dist / width) ** 2)
                 out[b, 0] += band
