@@ -140,6 +140,9 @@ def parse_size(text: str | int | Sequence[int] | None, dim: int) -> tuple[int, .
 # rounded up (measured 75-80 for CT, 108-117 for MRI and ultrasound, linear in the batch).
 BYTES_PER_VOXEL = {"ct": 80, "mri": 120, "us": 120}
 
+BYTES_PER_CASE_RECORD = 128
+"""Memory a pending case takes in a run's bookkeeping (its index in the lists of cases to do)."""
+
 
 def fit_batch(
     shape: tuple[int, ...],
@@ -273,6 +276,12 @@ def generate_dataset(
     k, n_shards = parse_shard(shard)
     if n < 1:
         raise MedfmError(f"-n must be >= 1, got {n}")
+    # the run's own bookkeeping (its list of pending cases) must fit, before anything is written
+    check_memory(
+        len(range(k, n, n_shards)) * BYTES_PER_CASE_RECORD,
+        f"keeping track of {n} cases",
+        hint="give a smaller -n, or split the run with --shard",
+    )
     explicit = batch is not None
     if batch is None:
         batch = 16 if dim == 2 else 2
@@ -370,8 +379,8 @@ def _generate(
                 if progress:
                     progress(done)
 
-    # every shard writes the same manifest, of all n cases
-    write_manifest(out, [(spec.case_id(i), spec.sample(i)) for i in range(spec.n)], spec.seed)
+    # every shard writes the same manifest, of all n cases (one case's parameters at a time)
+    write_manifest(out, ((spec.case_id(i), spec.sample(i)) for i in range(spec.n)), spec.seed)
     prev = None
     if preview:
         prev = write_preview(out, out / "preview.png")

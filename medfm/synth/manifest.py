@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from medfm.errors import MedfmError
-from medfm.io import atomic_write_text
+from medfm.io import atomic_path
 from medfm.synth.case import CaseParams, render_cases, to_output
 
 __all__ = ["MANIFEST_NAME", "manifest_line", "read_manifest", "replay", "write_manifest"]
@@ -39,12 +39,14 @@ def manifest_line(case: str, index: int, run_seed: int, params: CaseParams) -> s
 
 
 def write_manifest(
-    folder: str | os.PathLike, cases: Sequence[tuple[str, CaseParams]], run_seed: int
+    folder: str | os.PathLike, cases: Iterable[tuple[str, CaseParams]], run_seed: int
 ) -> Path:
-    """Write ``FOLDER/manifest.jsonl`` atomically: line i is ``cases[i]`` = (case id, params)."""
-    lines = [manifest_line(case, i, run_seed, p) for i, (case, p) in enumerate(cases)]
+    """Write ``FOLDER/manifest.jsonl`` atomically: line i is the i-th of ``cases`` = (case id,
+    params). Lines are written as they come, so a generator of cases keeps one in memory."""
     path = Path(folder) / MANIFEST_NAME
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for i, (case, p) in enumerate(cases):
+            f.write(manifest_line(case, i, run_seed, p) + "\n")
     return path
 
 

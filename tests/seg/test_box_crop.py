@@ -167,14 +167,14 @@ def test_cli_and_recipe(sets, folder, tmp_path):
         r = runner.invoke(
             app,
             ["seg", "evaluate", "-m", str(folder), "--data", str(sets[0]), "--prompt", "box",
-             "--out", str(report), *flag],
+             "--out", str(report), "--overwrite", *flag],
         )  # fmt: skip
         assert r.exit_code == 0, r.output
         assert json.loads(report.read_text())["box_crop"] is want
     r = runner.invoke(
         app,
         ["seg", "evaluate", "-m", "box-fill", "--data", str(sets[0]), "--prompt", "box",
-         "--out", str(report), "--box-crop"],
+         "--out", str(report), "--overwrite", "--box-crop"],
     )  # fmt: skip
     assert r.exit_code == 2 and "draws inside its box" in r.output
     recipe = tmp_path / "r.yaml"

@@ -55,3 +55,33 @@ def test_a_lowered_batch_gives_the_same_files(tmp_path, monkeypatch):
     assert a.written == b.written == 3
     for f in sorted((tmp_path / "a").rglob("*.png")):
         assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()
+
+
+def test_an_absurd_case_count_is_refused_with_nothing_written(tmp_path, monkeypatch):
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "8G")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["synth", "generate", "--out", str(out), "-n", str(10**18)])
+    assert r.exit_code == 2
+    assert "keeping track of 1000000000000000000 cases needs ~" in r.output
+    assert "--shard" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_the_manifest_takes_a_generator_of_cases(tmp_path):
+    from medfm.synth.manifest import read_manifest, write_manifest
+
+    seen = []
+
+    def cases():
+        for i in range(3):
+            seen.append(i)
+            yield f"case_{i}", generate_spec_case(i)
+
+    def generate_spec_case(i):
+        from medfm.synth.case import SynthConfig, sample_case
+
+        return sample_case(SynthConfig(), "ct", (32, 32), 0, i)
+
+    write_manifest(tmp_path, cases(), 0)
+    assert seen == [0, 1, 2]
+    assert [r["case"] for r in read_manifest(tmp_path)] == ["case_0", "case_1", "case_2"]
