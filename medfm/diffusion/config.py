@@ -2,7 +2,7 @@
 and the noise schedule, as one pydantic model that is the model folder's ``config.json``.
 
 Every size is a field (diffusers' habit: the constructor arguments are the config). The
-defaults are MedDiff-FM's as far as they are known (../DESIGN.md): base channels 32, one
+defaults are MedDiff-FM's as far as they are known (arXiv 2410.15432): base channels 32, one
 residual block per level, attention only at the coarsest level, a cosine schedule of 1000
 steps with the noise as the prediction target.
 """

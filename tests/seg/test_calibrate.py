@@ -132,7 +132,7 @@ def test_cli_and_recipe(sets, folder, tmp_path):
         r = runner.invoke(
             app,
             ["seg", "evaluate", "-m", str(model), "--data", str(sets[0]), "--prompt", "box",
-             "--out", str(tmp_path / "r.json"), "--mask-threshold", "-1.25"],
+             "--out", str(tmp_path / "r.json"), "--overwrite", "--mask-threshold", "-1.25"],
         )  # fmt: skip
         assert r.exit_code == code, r.output
     assert json.loads((tmp_path / "r.json").read_text())["mask_threshold"] == -1.25
