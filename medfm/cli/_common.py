@@ -22,10 +22,22 @@ __all__ = [
     "PredictorOption",
     "SeedOption",
     "ThresholdOption",
+    "one_line_warnings",
     "user_errors",
 ]
 
 F = TypeVar("F", bound=Callable)
+
+
+def one_line_warnings() -> None:
+    """Show each warning as one line, ``warning: MESSAGE``, on stderr (not Python's two lines
+    with the file and source line of where it was raised)."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        typer.echo(f"warning: {message}", err=True)
+
+    warnings.showwarning = show
 
 
 def user_errors(fn: F) -> F:

@@ -28,12 +28,14 @@ app.add_typer(synth_app, name="synth")
 @app.callback()
 @user_errors
 def _startup() -> None:
-    """Before any command: thread settings that hold up on a busy machine, set before torch
-    loads (`medfm.threads`); SIGTERM handled like Ctrl-C, and either ends the process within
-    2 seconds (`medfm.workers`; installed once per process)."""
+    """Before any command: warnings as one line each; thread settings that hold up on a busy
+    machine, set before torch loads (`medfm.threads`); SIGTERM handled like Ctrl-C, and either
+    ends the process within 2 seconds (`medfm.workers`; installed once per process)."""
+    from medfm.cli._common import one_line_warnings
     from medfm.threads import configure_threads
     from medfm.workers import exit_soon_after_interrupt, stop_on_sigterm
 
+    one_line_warnings()
     configure_threads()
     stop_on_sigterm()
     exit_soon_after_interrupt()

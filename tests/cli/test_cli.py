@@ -174,3 +174,22 @@ def test_an_os_error_from_a_path_is_one_line_and_exit_2(tmp_path):
     assert r.exit_code == 2, r.output
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "afile" in lines[0], lines
+
+
+def test_a_warning_is_one_line(tmp_path):
+    import nibabel as nib
+
+    vol = np.zeros((20, 30, 12), np.float32)
+    vol[5, 5, 5] = np.nan
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    r = subprocess.run(
+        [sys.executable, "-m", "medfm.cli.main", "seg", "predict", "--image",
+         str(tmp_path / "nan.nii.gz"), "--out", str(tmp_path / "m.nii.gz"),
+         "--box", "2,2,10,10,5", "--model", "box-fill"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"warning: {tmp_path / 'nan.nii.gz'}: 1 of 7200 voxels are NaN or infinite; NaN and -inf "
+        "were set to the image's lowest finite value (0), +inf to its highest (0)"
+    ]
