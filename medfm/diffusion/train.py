@@ -10,7 +10,6 @@ holds the EMA weights, the ones sampling uses.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -25,16 +24,7 @@ from medfm.diffusion.config import DiffusionConfig
 from medfm.diffusion.data import TrainVolume, draw_patches
 from medfm.diffusion.model import DiffusionModel
 from medfm.diffusion.schedulers import training_scheduler
-from medfm.engine import (
-    Dist,
-    Engine,
-    EngineConfig,
-    RunLock,
-    Task,
-    finished_run,
-    prepare_run_folder,
-    setup_distributed,
-)
+from medfm.engine import Dist, EngineConfig, Task, run_training, setup_distributed
 from medfm.errors import MedfmError
 
 __all__ = ["DiffusionTask", "DiffusionTrainConfig", "NoiseLoss", "train"]
@@ -197,10 +187,6 @@ class DiffusionTask(Task):
         self.model.unet.forward = torch.compile(self.model.unet.forward)
 
 
-def engine_config(cfg: DiffusionTrainConfig) -> EngineConfig:
-    return EngineConfig(**{name: getattr(cfg, name) for name in EngineConfig.model_fields})
-
-
 def train(
     cfg: DiffusionTrainConfig,
     sources: Sequence[Sequence[TrainVolume]] | Callable[[], Sequence[Sequence[TrainVolume]]],
@@ -213,16 +199,8 @@ def train(
     a function that loads them (called only once the run folder is locked and not finished).
     """
     dist = setup_distributed(parse_device(cfg.device))
-    with RunLock(cfg.out, log=log) if dist.main else contextlib.nullcontext():
-        if dist.main:
-            prepare_run_folder(cfg.out, cfg, resume=resume)
-        dist.barrier()
-        if resume and (done := finished_run(cfg.out, cfg.steps)) is not None:
-            if log is not None and dist.main:
-                log(f"{cfg.out} finished training earlier; its model is {done}")
-            return done
-        data = sources() if callable(sources) else sources
-        engine = Engine(DiffusionTask(cfg, data, dist, log), engine_config(cfg), dist=dist, log=log)
-        if resume:
-            engine.resume()
-        return engine.run(progress=progress)
+
+    def build(d: Dist) -> DiffusionTask:
+        return DiffusionTask(cfg, sources() if callable(sources) else sources, d, log)
+
+    return run_training(cfg, build, dist=dist, resume=resume, log=log, progress=progress)

@@ -16,7 +16,7 @@ from medfm.engine.checkpoint import (
 from medfm.engine.config import EngineConfig
 from medfm.engine.distributed import Dist, setup_distributed
 from medfm.engine.ema import EMA
-from medfm.engine.loop import Engine, NonFiniteLoss, Task
+from medfm.engine.loop import Engine, NonFiniteLoss, Task, run_training
 from medfm.engine.schedule import lr_factor, step_generator
 from medfm.io.lock import RunLock
 
@@ -34,6 +34,7 @@ __all__ = [
     "lr_factor",
     "prepare_run_folder",
     "read_checkpoint",
+    "run_training",
     "saved_checkpoints",
     "setup_distributed",
     "step_generator",

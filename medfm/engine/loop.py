@@ -14,13 +14,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medfm.engine.checkpoint import read_checkpoint, saved_checkpoints, write_checkpoint
+from medfm.engine.checkpoint import (
+    finished_run,
+    prepare_run_folder,
+    read_checkpoint,
+    saved_checkpoints,
+    write_checkpoint,
+)
 from medfm.engine.config import EngineConfig
 from medfm.engine.distributed import Dist
 from medfm.engine.ema import EMA
 from medfm.engine.schedule import lr_factor, step_generator
 from medfm.errors import MedfmError
 from medfm.io.atomic import atomic_write_text
+from medfm.io.lock import RunLock
 
 
 class Task:
@@ -274,3 +281,33 @@ class Engine:
 
 
 __all__ = ["Engine", "NonFiniteLoss", "Task"]
+
+
+def run_training(
+    settings,
+    build_task: Callable[[Dist], Task],
+    *,
+    dist: Dist,
+    resume: bool = False,
+    log: Callable[[str], None] | None = None,
+    progress: Callable[[int, dict], None] | None = None,
+) -> Path:
+    """One training run from a family's ``settings`` (a pydantic model with the
+    `EngineConfig` fields, e.g. a subclass): the run folder is locked (rank 0 holds the lock
+    under torchrun), created or checked to hold a run of the same settings, and, when resuming
+    a finished run, its model is returned with nothing built. Otherwise ``build_task(dist)``
+    (called only now: loading data can be slow), the engine, the newest checkpoint if
+    ``resume``, and the run. Returns the final model folder."""
+    cfg = EngineConfig(**{name: getattr(settings, name) for name in EngineConfig.model_fields})
+    with RunLock(cfg.out, log=log) if dist.main else contextlib.nullcontext():
+        if dist.main:
+            prepare_run_folder(cfg.out, settings, resume=resume)
+        dist.barrier()
+        if resume and (done := finished_run(cfg.out, cfg.steps)) is not None:
+            if log is not None and dist.main:  # nothing to train: no data loaded, no model built
+                log(f"{cfg.out} finished training earlier; its model is {done}")
+            return done
+        engine = Engine(build_task(dist), cfg, dist=dist, log=log)
+        if resume:
+            engine.resume()
+        return engine.run(progress=progress)

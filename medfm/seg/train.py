@@ -25,7 +25,6 @@ encoder) on nnU-Net 2D datasets: the SynthFM recipe.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,10 +43,9 @@ from medfm.engine import (
     Dist,
     Engine,
     EngineConfig,
-    RunLock,
     Task,
-    finished_run,
     prepare_run_folder,
+    run_training,
     setup_distributed,
     step_generator,
 )
@@ -605,18 +603,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=None, progress=None) ->
     for data in cfg.data:
         check_outputs({"--out": cfg.out}, {"--data": data})
     check_training_data(cfg.data)  # a refused run writes nothing
-    with RunLock(cfg.out, log=log) if dist.main else contextlib.nullcontext():
-        if dist.main:
-            prepare_run(cfg, resume=resume)
-        dist.barrier()
-        if resume and (done := finished_run(cfg.out, cfg.steps)) is not None:
-            if log is not None and dist.main:  # nothing to train: no data loaded, no model built
-                log(f"{cfg.out} finished training earlier; its model is {done}")
-            return done
-        engine = make_engine(cfg, dist=dist, log=log)
-        if resume:
-            engine.resume()
-        return engine.run(progress=progress)
+    return run_training(
+        cfg, lambda d: SegTask(cfg, d, log=log), dist=dist, resume=resume, log=log,
+        progress=progress,
+    )  # fmt: skip
 
 
 __all__ = [
