@@ -50,9 +50,9 @@ def _generator(seed: int):
     return torch.Generator().manual_seed(seed)
 
 
-def _prepare(model, device, *, input_=None, outputs=(), overwrite=False):
-    """Check the outputs (new, writable, NIfTI, not an input) before the model loads, then
-    load it; returns the model."""
+def _prepare(model, device, *, input_=None, outputs=(), overwrite=False, inputs=None):
+    """Check the outputs (new, writable, NIfTI, not an input: ``--input``, the model, and
+    ``inputs`` {option: path}) before the model loads, then load it; returns the model."""
     from medfm.devices import parse_device
     from medfm.diffusion.files import diffusion_model_folder, load_diffusion_model
     from medfm.io import check_new, check_outputs
@@ -63,7 +63,7 @@ def _prepare(model, device, *, input_=None, outputs=(), overwrite=False):
     folder = diffusion_model_folder(model)
     for what, path, endings in outputs:
         check_new(path, what, overwrite=overwrite, endings=endings)
-        check_outputs({what: path}, {"--input": input_, "--model": folder})
+        check_outputs({what: path}, {"--input": input_, "--model": folder, **(inputs or {})})
     return load_diffusion_model(folder, device=dev)
 
 
@@ -193,7 +193,8 @@ def diffusion_anomaly(
     if report is not None and mask is None:
         raise MedfmError("--report needs --mask (the ground truth it scores against)")
     outputs = [("--out", out, _NIFTI)] + ([("--report", report, (".json",))] if report else [])
-    net = _prepare(model, device, input_=input_, outputs=outputs, overwrite=overwrite)
+    net = _prepare(model, device, input_=input_, outputs=outputs, overwrite=overwrite,
+                   inputs={"--mask": mask})  # fmt: skip
     scaled = read_scaled(input_, net, region=region)
     truth = None
     if mask is not None:
@@ -242,10 +243,7 @@ def diffusion_inpaint(
     if not Path(mask).is_file():
         raise MedfmError(f"--mask {mask} does not exist; give a NIfTI mask")
     net = _prepare(model, device, input_=input_, outputs=[("--out", out, _NIFTI)],
-                   overwrite=overwrite)  # fmt: skip
-    from medfm.io import check_outputs
-
-    check_outputs({"--out": out}, {"--mask": mask})
+                   overwrite=overwrite, inputs={"--mask": mask})  # fmt: skip
     scaled = read_scaled(input_, net, region=region)
     region_mask = load_volume(mask).data
     if tuple(region_mask.shape[1:]) != tuple(scaled.x.shape[2:]):

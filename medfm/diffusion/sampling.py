@@ -76,6 +76,16 @@ class Windows:
         axes = [_starts(n, p, overlap) for n, p in zip(shape, patch, strict=True)]
         return cls(shape, patch, tuple(itertools.product(*axes)), _gaussian(patch))
 
+    @classmethod
+    def for_model(
+        cls, model: DiffusionModel, x: torch.Tensor, overlap: float = 0.5
+    ) -> tuple[Windows, torch.Tensor]:
+        """The windows of ``model``'s patch over ``x`` (B, C, *shape) and the whole volume's
+        position channels (1, P, *shape), on ``x``'s device and dtype."""
+        windows = cls.plan(x.shape[2:], model.config.patch, overlap)
+        box = whole_box(1, len(windows.shape))
+        return windows, model.positions(box, windows.shape, like=x)
+
     def slices(self, start: tuple[int, ...]) -> tuple[slice, ...]:
         return (slice(None), slice(None)) + tuple(
             slice(s, s + p) for s, p in zip(start, self.patch, strict=True)
@@ -174,9 +184,7 @@ def reverse_process(
     steps = scheduler.timesteps if timesteps is None else timesteps
     steps = [int(t) for t in steps]
     check_work_memory(model, x.shape[2:], batch=x.shape[0], window_batch=window_batch)
-    windows = Windows.plan(x.shape[2:], model.config.patch, overlap)
-    dims = len(windows.shape)
-    positions = model.positions(whole_box(1, dims), windows.shape, like=x)
+    windows, positions = Windows.for_model(model, x, overlap)
     stochastic = "generator" in inspect.signature(scheduler.step).parameters
     extra = {"generator": generator} if stochastic else {}
     for i, t in enumerate(steps):

@@ -12,6 +12,7 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    RePaintScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -19,7 +20,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from medfm.diffusion.config import ScheduleConfig
 from medfm.errors import MedfmError
 
-__all__ = ["SAMPLERS", "make_scheduler", "training_scheduler"]
+__all__ = ["SAMPLERS", "make_scheduler", "repaint_scheduler", "training_scheduler"]
 
 _BETAS = {"cosine": "squaredcos_cap_v2", "linear": "linear", "scaled_linear": "scaled_linear"}
 
@@ -62,3 +63,18 @@ def make_scheduler(name: str, steps: int, schedule: ScheduleConfig) -> Scheduler
     scheduler = SAMPLERS[name](**kwargs)
     scheduler.set_timesteps(steps)
     return scheduler
+
+
+def repaint_scheduler(
+    steps: int, jump_length: int, jump_n_sample: int, schedule: ScheduleConfig
+) -> RePaintScheduler:
+    """RePaint over ``schedule``: ``steps`` steps, ``jump_n_sample`` resamplings every
+    ``jump_length`` steps (its timesteps go back up at each jump)."""
+    for name, v in (("--steps", steps), ("--jump-length", jump_length),
+                    ("--jump-n-sample", jump_n_sample)):  # fmt: skip
+        if v < 1:
+            raise MedfmError(f"{name} must be >= 1, got {v}")
+    kwargs = {k: v for k, v in _common(schedule).items() if k != "prediction_type"}
+    sched = RePaintScheduler(**kwargs, clip_sample=False)
+    sched.set_timesteps(steps, jump_length=jump_length, jump_n_sample=jump_n_sample)
+    return sched

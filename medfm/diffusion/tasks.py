@@ -21,10 +21,8 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-from diffusers import RePaintScheduler
 
 from medfm.diffusion.model import DiffusionModel
-from medfm.diffusion.position import whole_box
 from medfm.diffusion.sampling import (
     Windows,
     check_work_memory,
@@ -33,7 +31,7 @@ from medfm.diffusion.sampling import (
     predict_noise,
     reverse_process,
 )
-from medfm.diffusion.schedulers import make_scheduler, training_scheduler
+from medfm.diffusion.schedulers import make_scheduler, repaint_scheduler, training_scheduler
 from medfm.errors import MedfmError
 
 __all__ = [
@@ -143,8 +141,7 @@ def denoise(
     xt = math.sqrt(float(ab[t0])) * xp
     regions = _regions(model, region, x.shape[0], x.device)
     if method == "posterior":
-        windows = Windows.plan(xp.shape[2:], model.config.patch)
-        positions = model.positions(whole_box(1, len(windows.shape)), windows.shape, like=xp)
+        windows, positions = Windows.for_model(model, xp)
         eps = predict_noise(model, xt, t0, windows, positions=positions, regions=regions)
         out = (xt - math.sqrt(1 - float(ab[t0])) * eps) / math.sqrt(float(ab[t0]))
         if progress is not None:
@@ -221,18 +218,11 @@ def inpaint(
     hole = mask.bool()
     if not bool(hole.any()):
         return x.clone()
-    s = model.config.schedule
-    sched = RePaintScheduler(
-        num_train_timesteps=s.num_train_timesteps,
-        beta_schedule={"cosine": "squaredcos_cap_v2"}.get(s.beta_schedule, s.beta_schedule),
-        clip_sample=False,
-    )
-    sched.set_timesteps(steps, jump_length=jump_length, jump_n_sample=jump_n_sample)
+    sched = repaint_scheduler(steps, jump_length, jump_n_sample, model.config.schedule)
     check_work_memory(model, x.shape[2:], batch=x.shape[0])
     xp, keep = pad_to(x, model.config.patch)
     known, _ = pad_to((~hole).float().expand(x.shape[0], 1, *x.shape[2:]), model.config.patch)
-    windows = Windows.plan(xp.shape[2:], model.config.patch)
-    positions = model.positions(whole_box(1, len(windows.shape)), windows.shape, like=xp)
+    windows, positions = Windows.for_model(model, xp)
     regions = _regions(model, region, x.shape[0], x.device)
     sample = initial_noise(xp.shape, generator=generator, device=x.device)
     ts = [int(t) for t in sched.timesteps]

@@ -38,5 +38,11 @@ class EngineConfig(BaseModel):
     amp: bool = True
     compile: bool = False
 
+    @classmethod
+    def of(cls, settings) -> EngineConfig:
+        """The engine's part of a family's settings (a model with these fields, e.g. a
+        subclass of this one)."""
+        return cls(**{name: getattr(settings, name) for name in cls.model_fields})
+
 
 __all__ = ["EngineConfig"]

@@ -298,7 +298,7 @@ def run_training(
     a finished run, its model is returned with nothing built. Otherwise ``build_task(dist)``
     (called only now: loading data can be slow), the engine, the newest checkpoint if
     ``resume``, and the run. Returns the final model folder."""
-    cfg = EngineConfig(**{name: getattr(settings, name) for name in EngineConfig.model_fields})
+    cfg = EngineConfig.of(settings)
     with RunLock(cfg.out, log=log) if dist.main else contextlib.nullcontext():
         if dist.main:
             prepare_run_folder(cfg.out, settings, resume=resume)

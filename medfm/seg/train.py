@@ -579,7 +579,7 @@ class SegTask(Task):
 
 def engine_config(cfg: TrainConfig) -> EngineConfig:
     """The engine's part of a training config."""
-    return EngineConfig(**{name: getattr(cfg, name) for name in EngineConfig.model_fields})
+    return EngineConfig.of(cfg)
 
 
 def make_engine(

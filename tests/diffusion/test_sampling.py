@@ -3,7 +3,7 @@ import torch
 
 from medfm.diffusion.model import DiffusionModel
 from medfm.diffusion.sampling import Windows, initial_noise, pad_to, reverse_process
-from medfm.diffusion.schedulers import SAMPLERS, make_scheduler
+from medfm.diffusion.schedulers import SAMPLERS, make_scheduler, repaint_scheduler
 from medfm.errors import MedfmError
 from tests.diffusion.conftest import tiny_config
 
@@ -90,3 +90,8 @@ def test_scheduler_arguments_are_checked(tiny_model):
         make_scheduler("euler", 10, tiny_model.config.schedule)
     with pytest.raises(MedfmError, match="--steps must lie in 1..1000"):
         make_scheduler("ddim", 0, tiny_model.config.schedule)
+    with pytest.raises(MedfmError, match="--jump-length must be >= 1, got 0"):
+        repaint_scheduler(10, 0, 2, tiny_model.config.schedule)
+    jumps = [int(t) for t in repaint_scheduler(10, 2, 2, tiny_model.config.schedule).timesteps]
+    assert jumps[0] == 900 and jumps[-1] == 0  # 10 steps of 100, then back up at each jump
+    assert any(b > a for a, b in zip(jumps, jumps[1:], strict=False))
