@@ -41,6 +41,7 @@ from pydantic import (
 )
 
 from medfm import __version__
+from medfm.diffusion.train import DiffusionTrainConfig
 from medfm.errors import MedfmError, validation_message
 from medfm.io import (
     atomic_folder,
@@ -131,6 +132,30 @@ class AverageArgs(BaseModel):
 
     models: tuple[str, ...] = Field(min_length=2)
     out: str
+
+
+class VolumeSource(BaseModel):
+    """Some volumes of one folder (nnU-Net raw or NIfTI files, sorted by name): those whose
+    file name matches ``include`` (globs; None: all), of those the ``last`` N, of those the
+    ``first`` N."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: str
+    include: tuple[str, ...] | None = None
+    first: int | None = Field(None, ge=1)
+    last: int | None = Field(None, ge=1)
+    prefix: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$")
+
+
+class VolumesArgs(BaseModel):
+    """A training folder made of links to chosen volumes of other folders (a split that holds
+    cases back, or several sets as one source), each named ``prefix`` + its file name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    out: str
+    sources: tuple[VolumeSource, ...] = Field(min_length=1)
 
 
 # ------------------------------------------------------------------ the step registry
@@ -409,17 +434,22 @@ def _run_monai_shapes(a: MonaiShapesArgs, ctx: StepContext) -> None:
     ctx.note(f"{written} cases written")
 
 
-def _run_train(cfg: TrainConfig, ctx: StepContext) -> None:
-    from medfm.seg.train import train
-
-    ctx.header(f"train {cfg.model} -> {cfg.out}")
+def _training(cfg: Any, ctx: StepContext, what: str, train: Callable[..., Path]) -> None:
+    """A training step: resumed when its run folder holds a run, its progress in steps."""
+    ctx.header(f"{what} -> {cfg.out}")
     resume = (Path(cfg.out) / "train_config.json").exists()
     tick = ctx.progress
     final = train(
-        cfg, resume=resume, log=ctx.note,
+        resume=resume, log=ctx.note,
         progress=None if tick is None else lambda step, metrics: tick(step, cfg.steps),
     )  # fmt: skip
     ctx.note(f"model in {final}")
+
+
+def _run_train(cfg: TrainConfig, ctx: StepContext) -> None:
+    from medfm.seg.train import train
+
+    _training(cfg, ctx, f"train {cfg.model}", lambda **kw: train(cfg, **kw))
 
 
 def _run_average(a: AverageArgs, ctx: StepContext) -> None:
@@ -484,12 +514,73 @@ def _run_evaluate(a: EvaluateArgs, ctx: StepContext) -> None:
     ctx.note(f"mean Dice {report['mean_dice']:.3f}, NSD {report['mean_nsd']:.3f} -> {a.out}")
 
 
+def _chosen_volumes(a: VolumesArgs) -> dict[str, Path]:
+    """{link name: the volume it points to} for a volumes step."""
+    from fnmatch import fnmatch
+
+    from medfm.diffusion.data import list_volume_files
+
+    chosen: dict[str, Path] = {}
+    for src in a.sources:
+        files = list_volume_files(src.data)
+        if src.include is not None:
+            files = [f for f in files if any(fnmatch(f.name, g) for g in src.include)]
+        if src.last is not None:
+            files = files[-src.last :]
+        if src.first is not None:
+            files = files[: src.first]
+        if not files:
+            raise MedfmError(f"volumes: nothing of {src.data} is chosen; check include/first/last")
+        for f in files:
+            name = src.prefix + f.name
+            if name in chosen:
+                raise MedfmError(f"volumes: two volumes would be named {name}; give a prefix")
+            chosen[name] = f.resolve()
+    return chosen
+
+
+def _check_volumes(a: VolumesArgs) -> None:
+    for src in a.sources:
+        check_outputs({"out": a.out}, {"data": src.data})
+    _check_folder(a.out)
+
+
+def _run_volumes(a: VolumesArgs, ctx: StepContext) -> None:
+    ctx.header(f"volumes -> {a.out}")
+    chosen = _chosen_volumes(a)
+    out = Path(a.out)
+    if out.is_dir() and {p.name: p.resolve() for p in out.iterdir()} == chosen:
+        ctx.note(f"{a.out} holds the same {len(chosen)} volumes already, skipped")
+        return
+    with atomic_folder(out) as tmp:
+        for name, target in chosen.items():
+            (tmp / name).symlink_to(target)
+    ctx.note(f"{len(chosen)} volumes linked")
+
+
+def _check_diffusion_train(cfg: DiffusionTrainConfig) -> None:
+    for d in cfg.data:
+        if not d.startswith("synth:"):
+            check_outputs({"out": cfg.out}, {"data": d})
+    _check_folder(cfg.out)
+
+
+def _run_diffusion_train(cfg: DiffusionTrainConfig, ctx: StepContext) -> None:
+    from medfm.diffusion.train import train
+
+    _training(cfg, ctx, "diffusion_train", lambda **kw: train(cfg, diffusion_sources(cfg), **kw))
+
+
 SynthStep = register_step("synth", SynthArgs, _run_synth, _check_synth)
 MonaiShapesStep = register_step("monai_shapes", MonaiShapesArgs, _run_monai_shapes, _check_synth)
 TrainStep = register_step("train", TrainConfig, _run_train, _check_train)
 AverageStep = register_step("average", AverageArgs, _run_average, _check_average)
 CalibrateStep = register_step("calibrate", CalibrateArgs, _run_calibrate)
 EvaluateStep = register_step("evaluate", EvaluateArgs, _run_evaluate, _check_evaluate)
+VolumesStep = register_step("volumes", VolumesArgs, _run_volumes, _check_volumes)
+DiffusionTrainStep = register_step(
+    "diffusion_train", DiffusionTrainConfig, _run_diffusion_train, _check_diffusion_train
+)
 
 
 # ---------------------------------------------------------------------- diffusion data sources

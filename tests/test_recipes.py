@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from medfm.errors import MedfmError
-from medfm.recipe import AverageStep, TrainStep, load_recipe
+from medfm.recipe import AverageStep, DiffusionTrainStep, TrainStep, load_recipe, run_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -13,7 +13,8 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_validates(path):
     recipe = load_recipe(path)
-    assert recipe.steps and any(isinstance(s, TrainStep) for s in recipe.steps)
+    trains = (TrainStep, DiffusionTrainStep)
+    assert recipe.steps and any(isinstance(s, trains) for s in recipe.steps)
 
 
 def test_unknown_keys_are_refused(tmp_path):
@@ -108,3 +109,70 @@ def test_an_evaluate_steps_data_must_be_a_dataset_before_anything_is_read(tmp_pa
     with pytest.raises(MedfmError, match=r"notds/dataset.json does not exist"):
         run_recipe(load_recipe(recipe), log=lambda m: None)
     assert not (tmp_path / "r.json").exists()
+
+
+def _nifti(path, value):
+    import nibabel as nib
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.linspace(0, value, 12 * 10 * 20, dtype=np.float32).reshape(12, 10, 20)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+
+
+def test_volumes_and_diffusion_train_steps_build_a_split_and_train(tmp_path):
+    """A volumes step links the chosen cases (include, then the last N, then the first N,
+    each name with its prefix); a diffusion_train step trains on them and resumes."""
+    for i in range(6):
+        _nifti(tmp_path / "a" / f"case_{i}.nii.gz", i + 1)
+    _nifti(tmp_path / "b" / "t1.nii.gz", 9)
+    _nifti(tmp_path / "b" / "t1_seg.nii.gz", 1)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: split
+steps:
+  - volumes:
+      out: {tmp_path}/train
+      sources:
+        - {{data: {tmp_path}/a, first: 2}}
+        - {{data: {tmp_path}/b, include: [t1.nii.gz], prefix: b_}}
+  - volumes:
+      out: {tmp_path}/tune
+      sources: [{{data: {tmp_path}/a, last: 3, first: 1}}]
+  - diffusion_train:
+      data: [{tmp_path}/train]
+      out: {tmp_path}/run
+      steps: 2
+      batch: 1
+      checkpoint_every: 1
+      model:
+        patch: [8, 8, 8]
+        unet: {{channels: [8, 16], attention_levels: [false, true], norm_num_groups: 8,
+                num_head_channels: 8, pos_frequencies: 2}}
+""")
+    lines: list[str] = []
+    run_recipe(load_recipe(recipe), log=lines.append)
+    train = tmp_path / "train"
+    assert sorted(p.name for p in train.iterdir()) == [
+        "b_t1.nii.gz", "case_0.nii.gz", "case_1.nii.gz",
+    ]  # fmt: skip
+    assert (train / "b_t1.nii.gz").resolve() == (tmp_path / "b" / "t1.nii.gz").resolve()
+    assert [p.name for p in (tmp_path / "tune").iterdir()] == ["case_3.nii.gz"]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    lines.clear()
+    run_recipe(load_recipe(recipe), log=lines.append)  # again: everything is there already
+    assert sum("already, skipped" in x for x in lines) == 2
+    assert any("finished training earlier" in x for x in lines)
+
+
+def test_a_volumes_step_that_chooses_nothing_says_so(tmp_path):
+    _nifti(tmp_path / "a" / "x.nii.gz", 1)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: none
+steps:
+  - volumes: {{out: {tmp_path}/o, sources: [{{data: {tmp_path}/a, include: ["y*"]}}]}}
+""")
+    with pytest.raises(MedfmError, match="nothing of .* is chosen"):
+        run_recipe(load_recipe(recipe), log=lambda m: None)
+    assert not (tmp_path / "o").exists()
