@@ -83,8 +83,8 @@ def diffusion_sample(
     model: ModelOption = None,
     spacing: Annotated[str, typer.Option(help="Voxel size in mm written to the file.")] = "1",
     region: RegionOption = None,
-    sampler: Annotated[str, typer.Option(help="ddpm, ddim, dpm++ or unipc.")] = "dpm++",
-    steps: StepsOption = 20,
+    sampler: Annotated[str, typer.Option(help="ddpm, ddim, dpm++ or unipc.")] = "ddim",
+    steps: StepsOption = 50,
     seed: SeedOption = 0,
     device: DeviceOption = "cpu",
     overwrite: OverwriteOption = False,
@@ -130,8 +130,14 @@ def diffusion_denoise(
     ] = "auto",
     method: Annotated[
         str,
-        typer.Option(help="reverse (sampler from the matching step) or posterior (one step)."),
-    ] = "reverse",
+        typer.Option(
+            help="posterior (one model step at the matching noise level), diffpir (data "
+            "consistency from there to 0) or reverse (the sampler from there)."
+        ),
+    ] = "posterior",
+    guidance: Annotated[
+        float, typer.Option(help="diffpir: the prior's weight against the data term.")
+    ] = 7.0,
     sampler: Annotated[str, typer.Option(help="ddpm, ddim, dpm++ or unipc.")] = "ddim",
     steps: StepsOption = 50,
     region: RegionOption = None,
@@ -158,7 +164,7 @@ def diffusion_denoise(
     with bar:
         y = denoise(
             net, scaled.x, s_model, method=method, sampler=sampler, steps=steps, region=region,
-            generator=_generator(seed), progress=progress,
+            guidance=guidance, generator=_generator(seed), progress=progress,
         )  # fmt: skip
     write_unscaled(y, scaled, out)
     typer.echo(f"{out}: denoised (noise std {sigma:.4g} in the input's units, {method})")

@@ -139,16 +139,21 @@ class DiffusionModel(nn.Module):
             mid_block_additional_residual=mid_block_additional_residual,
         )
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+    def save_pretrained(
+        self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None
+    ) -> Path:
         """Write ``folder/config.json`` + ``folder/model.safetensors`` (atomically, weights
-        first); returns the folder."""
+        first), the floating-point weights in ``dtype`` (None: as they are; the bundled model
+        ships in float16 and is loaded back in float32); returns the folder."""
         from medfm import __version__
 
         config = self.config.model_copy(update={"medfm_version": __version__})
         meta = {"format": "pt", "family": config.family}
-        return save_weights(
-            folder, self.state_dict(), config.model_dump(mode="json"), metadata=meta
-        )
+        state = {
+            k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+            for k, v in self.state_dict().items()
+        }
+        return save_weights(folder, state, config.model_dump(mode="json"), metadata=meta)
 
     @classmethod
     def from_pretrained(
@@ -169,7 +174,7 @@ class DiffusionModel(nn.Module):
         )  # fmt: skip
         state = read_state_dict(folder)
         model = cls(config)
-        model.load_state_dict(state)
+        model.load_state_dict(state)  # float16 weights are cast to the model's float32
         return model.to(device).eval()
 
 

@@ -168,7 +168,7 @@ class DiffusionTask(Task):
 
     def after_step(self, step: int, out: Path, ema) -> None:
         """Every ``sample_every`` steps: OUT/samples/step_N.png, two volumes of the patch's
-        size sampled from the EMA weights (DPM-Solver++, 20 steps, seeded by the step)."""
+        size sampled from the EMA weights (DDIM, 50 steps, seeded by the step)."""
         every = self.cfg.sample_every
         if every is None or step % every:
             return

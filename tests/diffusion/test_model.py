@@ -38,6 +38,19 @@ def test_save_load_round_trip_is_exact(tmp_path, tiny_model):
         assert torch.equal(loaded(x, t), tiny_model(x, t))
 
 
+def test_float16_weights_half_the_file_and_load_as_float32(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "full")
+    tiny_model.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    full, half = (tmp_path / n / "model.safetensors" for n in ("full", "half"))
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = DiffusionModel.from_pretrained(tmp_path / "half")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    saved = loaded.state_dict()
+    for name, a in tiny_model.state_dict().items():
+        expected = a.half().float() if a.is_floating_point() else a
+        assert torch.equal(expected, saved[name]), name
+
+
 def test_a_config_that_does_not_match_the_weights_is_refused_before_building(tmp_path, tiny_model):
     folder = tmp_path / "m"
     tiny_model.save_pretrained(folder)

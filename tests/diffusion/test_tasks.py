@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from medfm.diffusion.sampling import Windows, predict_noise
 from medfm.diffusion.schedulers import training_scheduler
 from medfm.diffusion.tasks import (
+    DENOISE_METHODS,
     anomaly_map,
     denoise,
     estimate_noise_std,
@@ -38,7 +40,7 @@ def test_matching_timestep_has_the_inputs_noise_level(tiny_model):
 
 def test_denoise_shapes_determinism_and_errors(tiny_model):
     x = 0.1 * torch.randn(1, 1, 6, 10, 20, generator=_g())  # smaller than the patch on axis 0
-    for method in ("reverse", "posterior"):
+    for method in DENOISE_METHODS:
         a = denoise(tiny_model, x, 0.1, method=method, steps=20, generator=_g(1))
         b = denoise(tiny_model, x, 0.1, method=method, steps=20, generator=_g(1))
         assert a.shape == x.shape and torch.equal(a, b)
@@ -46,10 +48,60 @@ def test_denoise_shapes_determinism_and_errors(tiny_model):
         denoise(tiny_model, x, 0.1, method="bm3d")
     with pytest.raises(MedfmError, match="positive number"):
         denoise(tiny_model, x, float("nan"))
+    with pytest.raises(MedfmError, match="--guidance"):
+        denoise(tiny_model, x, 0.1, method="diffpir", guidance=-1)
     with pytest.raises(MedfmError, match="NaN or infinite"):
         denoise(tiny_model, x.clone().fill_(float("inf")), 0.1)
     with pytest.raises(MedfmError, match="2 spatial axes"):
         denoise(tiny_model, x[:, :, 0], 0.1)
+
+
+def test_posterior_is_tweedies_formula_at_the_matching_step(tiny_model):
+    """One model call at t*, no noise added: x - level(t*) * eps(x scaled to t*)."""
+    x = 0.3 * torch.randn(1, 1, 8, 10, 20, generator=_g())
+    ab = training_scheduler(tiny_model.config.schedule).alphas_cumprod
+    t = matching_timestep(0.1, ab)
+    a = float(ab[t])
+    windows, positions = Windows.for_model(tiny_model, x)
+    eps = predict_noise(tiny_model, a**0.5 * x, t, windows, positions=positions)
+    expected = x - ((1 - a) / a) ** 0.5 * eps
+    got = denoise(tiny_model, x, 0.1, method="posterior")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_diffpir_follows_the_data_as_guidance_falls(tiny_model):
+    """guidance -> 0: the data term wins and the input comes back; large guidance: the
+    prior's estimate, far from the input."""
+    x = 0.3 * torch.randn(1, 1, 8, 10, 20, generator=_g())
+    near = denoise(tiny_model, x, 0.1, method="diffpir", steps=4, guidance=1e-9)
+    torch.testing.assert_close(near, x, rtol=1e-4, atol=1e-4)
+    far = denoise(tiny_model, x, 0.1, method="diffpir", steps=4, guidance=1e6)
+    assert (far - x).abs().mean() > 10 * (near - x).abs().mean()
+
+
+def test_inpaint_works_on_the_box_around_the_hole():
+    from medfm.diffusion.tasks import _around
+
+    hole = torch.zeros(40, 30, 64, dtype=torch.bool)
+    hole[1:3, 10:12, 30:40] = True
+    box = _around(hole, (16, 16, 16))
+    # grown by 4 each side, at least 16, inside the volume (pushed off the low edge)
+    assert box == (slice(0, 16), slice(3, 19), slice(26, 44))
+    assert _around(torch.ones(16, 16, 16, dtype=torch.bool), (16, 16, 16)) == (slice(0, 16),) * 3
+
+
+def test_a_hole_far_from_the_rest_is_filled_from_its_neighbourhood(tiny_model):
+    """A volume of many windows with a small hole: only the hole changes, and the result
+    does not depend on what lies beyond the hole's neighbourhood."""
+    x = 0.1 * torch.randn(1, 1, 24, 30, 48, generator=_g())
+    mask = torch.zeros(1, 1, 24, 30, 48, dtype=torch.bool)
+    mask[..., 2:5, 3:7, 5:11] = True
+    y = inpaint(tiny_model, x, mask, steps=4, jump_length=2, jump_n_sample=2, generator=_g(2))
+    assert torch.equal(y[~mask], x[~mask]) and not torch.equal(y[mask], x[mask])
+    far = x.clone()
+    far[..., 16:, :, 30:] = 5.0  # beyond the box around the hole
+    z = inpaint(tiny_model, far, mask, steps=4, jump_length=2, jump_n_sample=2, generator=_g(2))
+    assert torch.equal(z[mask], y[mask])
 
 
 def test_inpaint_keeps_every_known_voxel(tiny_model):
