@@ -37,8 +37,15 @@ import torch
 
 
 def scaled01(x: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(x, (0.5, 99.5))
-    return np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
+    return scaled01_span(x)[0]
+
+
+def scaled01_span(x: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """``x`` scaled to [0, 1] by its 0.5 / 99.5 percentiles and clipped, and the two
+    percentiles (the volume's own units of 0 and 1)."""
+    lo, hi = (float(v) for v in np.percentile(x, (0.5, 99.5)))
+    hi = max(hi, lo + 1e-6)
+    return np.clip((x - lo) / (hi - lo), 0, 1).astype(np.float32), (lo, hi)
 
 
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -48,42 +55,51 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
 
 
 class ModelRunner:
-    """A volume in [0, 1] through the model's intensity map, a task, and back."""
+    """A volume in [0, 1] back in its own units (``spans[i]``: the units of 0 and 1 of volume
+    i; CT's windows need Hounsfield units), through the model's intensity map, a task, and
+    back to [0, 1]."""
 
-    def __init__(self, model, steps: int, sampler: str, seed: int) -> None:
+    def __init__(self, model, steps: int, sampler: str, seed: int, spans) -> None:
         self.model, self.steps, self.sampler, self.seed = model, steps, sampler, seed
+        self.spans = spans
 
-    def _map(self, x: np.ndarray):
+    def _map(self, x: np.ndarray, i: int):
         from medfm.diffusion.intensity import intensity_map
 
-        t = torch.from_numpy(x)
+        lo, hi = self.spans[i]
+        t = torch.from_numpy(x) * (hi - lo) + lo
         imap = intensity_map(t, self.model.config.modality)
         return imap, imap.forward(t)[None, None]
 
-    def denoise(self, noisy: np.ndarray, sigma: float, method: str) -> np.ndarray:
+    def _back(self, imap, y: torch.Tensor, i: int) -> np.ndarray:
+        lo, hi = self.spans[i]
+        return ((imap.inverse(y[0, 0]) - lo) / (hi - lo)).numpy()
+
+    def denoise(self, noisy: np.ndarray, sigma: float, method: str, i: int) -> np.ndarray:
         from medfm.diffusion.tasks import denoise
 
-        imap, xs = self._map(noisy)
+        imap, xs = self._map(noisy, i)
         g = torch.Generator().manual_seed(self.seed)
-        y = denoise(self.model, xs, imap.to_model_sigma(sigma), method=method,
+        lo, hi = self.spans[i]
+        y = denoise(self.model, xs, imap.to_model_sigma(sigma * (hi - lo)), method=method,
                     sampler=self.sampler, steps=self.steps, generator=g)  # fmt: skip
-        return imap.inverse(y[0, 0]).numpy()
+        return self._back(imap, y, i)
 
-    def anomaly(self, x: np.ndarray, t: int) -> np.ndarray:
+    def anomaly(self, x: np.ndarray, t: int, i: int) -> np.ndarray:
         from medfm.diffusion.tasks import anomaly_map
 
-        _, xs = self._map(x)
+        _, xs = self._map(x, i)
         g = torch.Generator().manual_seed(self.seed)
         return anomaly_map(self.model, xs, t=t, steps=self.steps, generator=g)[0, 0].numpy()
 
-    def inpaint(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def inpaint(self, x: np.ndarray, mask: np.ndarray, i: int) -> np.ndarray:
         from medfm.diffusion.tasks import inpaint
 
-        imap, xs = self._map(x)
+        imap, xs = self._map(x, i)
         g = torch.Generator().manual_seed(self.seed)
         hole = torch.from_numpy(mask)[None, None]
         y = inpaint(self.model, xs, hole, steps=self.steps, generator=g)
-        return imap.inverse(y[0, 0]).numpy()
+        return self._back(imap, y, i)
 
 
 class Baselines:
@@ -132,6 +148,8 @@ def run_denoise(vols, runner, args, rng_seed: int, names, cache: Baselines) -> d
         import bm4d
     except ImportError:
         bm4d = None
+    if args.no_bm4d:
+        bm4d = None
     for sigma in (0.05, 0.10):
         rows = {"noisy": [], "gaussian_oracle": [], "bm4d": [], "medfm": []}
         for i, x in enumerate(vols):
@@ -145,10 +163,10 @@ def run_denoise(vols, runner, args, rng_seed: int, names, cache: Baselines) -> d
                     cache.get(key, lambda: psnr(bm4d.bm4d(noisy, sigma_psd=sigma), x))  # noqa: B023
                 )
             if runner is not None:
-                rows["medfm"].append(psnr(runner.denoise(noisy, sigma, args.method), x))
+                rows["medfm"].append(psnr(runner.denoise(noisy, sigma, args.method, i), x))
         out[f"sigma_{sigma:.2f}"] = {k: round(float(np.mean(v)), 3) for k, v in rows.items() if v}
     if bm4d is None:
-        out["bm4d"] = "not installed (pip install bm4d)"
+        out["bm4d"] = "skipped (--no-bm4d)" if args.no_bm4d else "not installed (pip install bm4d)"
     return out
 
 
@@ -169,7 +187,7 @@ def run_anomaly(vols, runner, args, rng_seed: int) -> dict:
         sphere = sum((g - cc) ** 2 for g, cc in zip(grid, c, strict=True)) <= r * r
         y = x + sphere * (0.35 if rng.random() < 0.5 else -0.35)
         if runner is not None:
-            maps.append(runner.anomaly(y.astype(np.float32), args.t).ravel())
+            maps.append(runner.anomaly(y.astype(np.float32), args.t, i).ravel())
         base.append(np.abs(y - median_filter(y, 7)).ravel())
         truth.append(sphere.ravel())
     t = torch.from_numpy(np.concatenate(truth).astype(np.float32))
@@ -206,7 +224,7 @@ def run_inpaint(vols, runner, args, rng_seed: int, names, cache: Baselines) -> d
             cache.get(key, lambda: psnr(inpaint_biharmonic(y, cube), x, cube))  # noqa: B023
         )
         if runner is not None:
-            rows["medfm"].append(psnr(runner.inpaint(y, cube), x, cube))
+            rows["medfm"].append(psnr(runner.inpaint(y, cube, i), x, cube))
     return {k: round(float(np.mean(v)), 3) for k, v in rows.items() if v} | {
         "volumes": len(rows["shell_mean"])
     }
@@ -267,13 +285,14 @@ def main() -> None:
     ap.add_argument("--method", default="posterior", help="denoise method")
     ap.add_argument("--sampler", default="ddim")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--t", type=int, default=950, help="anomaly noise step")
+    ap.add_argument("--t", type=int, default=50, help="anomaly noise step")
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--montage", default=None, help="PNG of samples beside real volumes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--baselines", default=None, help="JSON file keeping the slow baselines")
     ap.add_argument("--skip-model", action="store_true", help="baselines only")
+    ap.add_argument("--no-bm4d", action="store_true", help="leave BM4D out (slow on large volumes)")
     args = ap.parse_args()
 
     from medfm.diffusion.data import list_volume_files
@@ -281,11 +300,14 @@ def main() -> None:
     from medfm.io import load_volume
 
     files = list_volume_files(args.data)[: args.max_volumes]
-    vols = [scaled01(load_volume(f).data[0].float().numpy()) for f in files]
+    scaled = [scaled01_span(load_volume(f).data[0].float().numpy()) for f in files]
+    vols, spans = [v for v, _ in scaled], [s for _, s in scaled]
     names = [f.name for f in files]
     cache = Baselines(args.baselines)
     model = None if args.skip_model else load_diffusion_model(args.model)
-    runner = None if model is None else ModelRunner(model, args.steps, args.sampler, args.seed)
+    runner = None
+    if model is not None:
+        runner = ModelRunner(model, args.steps, args.sampler, args.seed, spans)
     result: dict = {"benchmark": "diffusion",
                     "model": None if model is None else str(diffusion_model_folder(args.model)),
                     "data": args.data, "volumes": len(vols), "sampler": args.sampler,

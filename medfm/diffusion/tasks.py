@@ -126,6 +126,7 @@ def denoise(
     steps: int = 50,
     region: str | None = None,
     guidance: float = 7.0,
+    overlap: float = 0.5,
     generator: torch.Generator | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
@@ -136,9 +137,9 @@ def denoise(
     ``sigma`` (Tweedie's formula; the input is used as x_t* scaled by sqrt(alpha_bar), no noise
     added). ``diffpir``: from t* down to 0 in ``steps`` steps, each clean estimate pulled
     toward the input by the exact Gaussian data term (weight ``guidance`` / level**2 against
-    1 / sigma**2, DiffPIR), re-noised deterministically. ``reverse``: the input is brought to the
-    nearest ``sampler`` timestep at or above t* (fresh noise tops it up) and the reverse process
-    runs from there."""
+    1 / sigma**2, DiffPIR), re-noised deterministically; both blend windows overlapping by
+    ``overlap``. ``reverse``: the input is brought to the nearest ``sampler`` timestep at or
+    above t* (fresh noise tops it up) and the reverse process runs from there."""
     _check_volume(x, model)
     if method not in DENOISE_METHODS:
         raise MedfmError(f"unknown method {method!r}; choose {', '.join(DENOISE_METHODS)}")
@@ -164,7 +165,7 @@ def denoise(
             generator=generator, progress=progress,
         )  # fmt: skip
         return out[keep]
-    windows, positions = Windows.for_model(model, xp)
+    windows, positions = Windows.for_model(model, xp, overlap)
     n = 1 if method == "posterior" else max(1, min(steps, t_star + 1))
     ts = torch.linspace(t_star, 0, n).round().long().unique_consecutive().tolist()
     xt = math.sqrt(float(ab[ts[0]])) * xp
@@ -189,7 +190,7 @@ def anomaly_map(
     model: DiffusionModel,
     x: torch.Tensor,
     *,
-    t: int = 950,
+    t: int = 50,
     steps: int = 50,
     smoothing: float = 1.0,
     region: str | None = None,
