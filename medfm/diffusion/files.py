@@ -50,7 +50,7 @@ def diffusion_model_folder(model: str | os.PathLike | None) -> Path:
 
 
 def load_diffusion_model(
-    model: str | os.PathLike | None, *, device: torch.device | str = "cpu"
+    model: str | os.PathLike | None = None, *, device: torch.device | str = "cpu"
 ) -> DiffusionModel:
     """The model (eval mode, on ``device``) that ``model`` names (`diffusion_model_folder`)."""
     return DiffusionModel.from_pretrained(diffusion_model_folder(model), device=device)
