@@ -390,9 +390,12 @@ def _check_synth(a: SynthArgs | MonaiShapesArgs) -> None:
     _check_folder(a.out)
 
 
-def _check_train(cfg: TrainConfig) -> None:
+def _check_train(cfg: TrainConfig | DiffusionTrainConfig) -> None:
+    """A training step (seg or diffusion): its run folder is none of its data folders (a
+    ``synth:`` source is made on the fly) and can be written."""
     for d in cfg.data:
-        check_outputs({"out": cfg.out}, {"data": d})
+        if not d.startswith("synth:"):
+            check_outputs({"out": cfg.out}, {"data": d})
     _check_folder(cfg.out)
 
 
@@ -558,13 +561,6 @@ def _run_volumes(a: VolumesArgs, ctx: StepContext) -> None:
     ctx.note(f"{len(chosen)} volumes linked")
 
 
-def _check_diffusion_train(cfg: DiffusionTrainConfig) -> None:
-    for d in cfg.data:
-        if not d.startswith("synth:"):
-            check_outputs({"out": cfg.out}, {"data": d})
-    _check_folder(cfg.out)
-
-
 def _run_diffusion_train(cfg: DiffusionTrainConfig, ctx: StepContext) -> None:
     from medfm.diffusion.train import train
 
@@ -579,7 +575,7 @@ CalibrateStep = register_step("calibrate", CalibrateArgs, _run_calibrate)
 EvaluateStep = register_step("evaluate", EvaluateArgs, _run_evaluate, _check_evaluate)
 VolumesStep = register_step("volumes", VolumesArgs, _run_volumes, _check_volumes)
 DiffusionTrainStep = register_step(
-    "diffusion_train", DiffusionTrainConfig, _run_diffusion_train, _check_diffusion_train
+    "diffusion_train", DiffusionTrainConfig, _run_diffusion_train, _check_train
 )
 
 
