@@ -49,6 +49,7 @@ from medfm.io import (
     check_outputs,
     check_writable,
     read_dataset_json,
+    write_dataset_json,
 )
 from medfm.seg.models import (
     BUNDLED_DIR,
@@ -150,12 +151,15 @@ class VolumeSource(BaseModel):
 
 class VolumesArgs(BaseModel):
     """A training folder made of links to chosen volumes of other folders (a split that holds
-    cases back, or several sets as one source), each named ``prefix`` + its file name."""
+    cases back, or several sets as one source), each named ``prefix`` + its file name.
+    ``labels``: the sources are nnU-Net raw sets and the folder is one too (imagesTr and
+    labelsTr links, the first source's dataset.json with the new case count)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     out: str
     sources: tuple[VolumeSource, ...] = Field(min_length=1)
+    labels: bool = False
 
 
 # ------------------------------------------------------------------ the step registry
@@ -548,17 +552,42 @@ def _check_volumes(a: VolumesArgs) -> None:
     _check_folder(a.out)
 
 
+def _labelled_links(a: VolumesArgs, chosen: dict[str, Path]) -> dict[str, Path]:
+    """{relative link path: target} of a ``labels`` volumes step: each chosen image of an
+    nnU-Net set under imagesTr/ and its label under labelsTr/."""
+    from medfm.diffusion.data import _case_name
+
+    links: dict[str, Path] = {}
+    for name, image in chosen.items():
+        if image.parent.name != "imagesTr":
+            raise MedfmError(f"volumes: labels needs nnU-Net raw sources; {image} is not one")
+        ending = image.name[len(_case_name(image)) + len("_0000") :]
+        label = image.parent.parent / "labelsTr" / f"{_case_name(image)}{ending}"
+        if not label.is_file():
+            raise MedfmError(f"volumes: {image} has no label {label}")
+        links[f"imagesTr/{name}"] = image
+        links[f"labelsTr/{name[: -len(ending)][: -len('_0000')]}{ending}"] = label.resolve()
+    return links
+
+
 def _run_volumes(a: VolumesArgs, ctx: StepContext) -> None:
     ctx.header(f"volumes -> {a.out}")
     chosen = _chosen_volumes(a)
     out = Path(a.out)
-    if out.is_dir() and {p.name: p.resolve() for p in out.iterdir()} == chosen:
-        ctx.note(f"{a.out} holds the same {len(chosen)} volumes already, skipped")
-        return
+    links = _labelled_links(a, chosen) if a.labels else chosen
+    if out.is_dir():
+        present = {str(p.relative_to(out)): p.resolve() for p in out.rglob("*") if p.is_symlink()}
+        if present == links:
+            ctx.note(f"{a.out} holds the same {len(chosen)} volumes already, skipped")
+            return
     with atomic_folder(out) as tmp:
-        for name, target in chosen.items():
+        for name, target in links.items():
+            (tmp / name).parent.mkdir(exist_ok=True)
             (tmp / name).symlink_to(target)
-    ctx.note(f"{len(chosen)} volumes linked")
+        if a.labels:
+            meta = read_dataset_json(a.sources[0].data)
+            write_dataset_json(tmp, meta.model_copy(update={"numTraining": len(chosen)}))
+    ctx.note(f"{len(chosen)} volumes linked" + (" with their labels" if a.labels else ""))
 
 
 def _run_diffusion_train(cfg: DiffusionTrainConfig, ctx: StepContext) -> None:
@@ -619,6 +648,54 @@ class SynthVolumes(Sequence):
         image = to_output([case], render_cases([case]).image)[0].float()
         scaled = intensity_map(image, modality, None).forward(image, clip=True)
         return TrainVolume(scaled.to(torch.float16), None, f"synth_{modality}_{i}")
+
+
+class SynthMasks(Sequence):
+    """``n`` SynthFM 3D anatomy label maps of ``shape`` (labels 1..``labels`` at most) as
+    masks for ``medfm diffusion make-dataset``: item i is case i of a synth run with ``seed``
+    (MRI), its label map only. This is where the two seed models meet: SynthFM's shapes,
+    rendered as scans by a mask ControlNet."""
+
+    def __init__(self, n: int, shape: Sequence[int], labels: int, seed: int) -> None:
+        from medfm.synth.anatomy import AnatomyConfig
+
+        self.n, self.shape, self.seed = int(n), tuple(int(s) for s in shape), int(seed)
+        self.config = SynthConfig(anatomy=AnatomyConfig(n_labels=(1, int(labels))))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        import numpy as np
+
+        from medfm.diffusion.bridge import MaskCase
+        from medfm.synth import render_cases, sample_case
+
+        case = sample_case(self.config, "mri", self.shape, self.seed, i)
+        label = render_cases([case]).label[0].long()
+        return MaskCase(label, np.eye(4), f"synth:{self.seed}:{i}")
+
+
+def mask_source(spec: str, *, n: int | None, labels: int, shape: Sequence[int], seed: int):
+    """The masks ``--masks`` names: ``synth:N`` (`SynthMasks` of ``shape``) or a folder of
+    label maps (`FolderMasks`: as they are, then elastic variants up to ``n``). Returns (the
+    masks, how many cases to make)."""
+    from medfm.diffusion.bridge import FolderMasks
+
+    if spec.startswith("synth:"):
+        try:
+            count = int(spec[len("synth:") :])
+        except ValueError:
+            raise MedfmError(f"--masks {spec!r}: write synth:N with N a number") from None
+        if count < 1:
+            raise MedfmError(f"--masks {spec!r}: N must be 1 or more")
+        return SynthMasks(count, shape, labels, seed), n or count
+    if not Path(spec).is_dir():
+        raise MedfmError(f"--masks {spec} is not a folder; give a folder of label maps or synth:N")
+    masks = FolderMasks(spec, n, seed=seed)
+    return masks, len(masks)
 
 
 def diffusion_sources(cfg) -> Callable[[], list]:

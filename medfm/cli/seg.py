@@ -169,6 +169,14 @@ def seg_train(
         list[Path], typer.Option("--data", help="2D nnU-Net folder(s); repeat to mix sets.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")],
+    data_weight: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--data-weight",
+            help="Each --data set's share of the drawn images (repeat, one per --data; "
+            "default: every image equally likely).",
+        ),
+    ] = None,
     model: ModelNameOption = "medfm-tiny",
     checkpoint: CheckpointOption = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
@@ -243,6 +251,7 @@ def seg_train(
                 multimask=(loss != "dice") if multimask is None else multimask,
             ),
             lowres_prob=lowres_prob, lowres_labels=lowres_labels,
+            data_weights=tuple(data_weight) if data_weight else None,
         )  # fmt: skip
     except ValidationError as e:
         raise MedfmError(validation_message(e, as_option=True)) from None

@@ -35,6 +35,7 @@ from medfm.io import load_volume, resample_volume
 __all__ = [
     "PATCH_KINDS",
     "TrainVolume",
+    "draw_labelled_patches",
     "draw_patches",
     "list_volume_files",
     "load_training_volumes",
@@ -47,11 +48,13 @@ _NIFTI = (".nii.gz", ".nii")
 
 @dataclass(frozen=True)
 class TrainVolume:
-    """One training volume: ``image`` (1, *S) in [-1, 1] (float16), its region, its name."""
+    """One training volume: ``image`` (1, *S) in [-1, 1] (float16), its region, its name and
+    (for a ControlNet's mask task) its ``label`` map (1, *S) (uint8), else None."""
 
     image: torch.Tensor
     region: str | None
     name: str
+    label: torch.Tensor | None = None
 
 
 def list_volume_files(folder: str | os.PathLike) -> list[Path]:
@@ -105,14 +108,17 @@ def load_training_volumes(
     spacing: Sequence[float] | None = None,
     region: str | None = None,
     dims: int = 3,
+    labels: bool = False,
 ) -> list[TrainVolume]:
     """Every volume of ``folders``, resampled to ``spacing`` (mm; None: as stored), mapped to
-    [-1, 1] and clipped; ``region`` overrides the folders' own."""
+    [-1, 1] and clipped; ``region`` overrides the folders' own. ``labels``: with each
+    volume's label map (nnU-Net raw folders' labelsTr; resampled by nearest neighbour)."""
     out: list[TrainVolume] = []
     for folder in folders:
         set_region, case_regions = _dataset_regions(Path(folder))
         for path in list_volume_files(folder):
             vol = load_volume(path)
+            label = _label_of(Path(folder), path, vol) if labels else None
             if vol.ndim != dims or vol.data.shape[0] != 1:
                 raise MedfmError(
                     f"{path} is a {vol.ndim}D image with {vol.data.shape[0]} channels; "
@@ -120,12 +126,36 @@ def load_training_volumes(
                 )
             if spacing is not None:
                 vol = resample_volume(vol, spacing)
+                if label is not None:
+                    label = resample_volume(label, spacing, mode="nearest")
             name = _case_name(path)
             reg = region or case_regions.get(name) or set_region
             image = vol.data.float()
             scaled = intensity_map(image, modality, reg).forward(image, clip=True)
-            out.append(TrainVolume(scaled.to(torch.float16), reg, name))
+            lab = None if label is None else label.data.round().clamp(0, 255).to(torch.uint8)
+            out.append(TrainVolume(scaled.to(torch.float16), reg, name, lab))
     return out
+
+
+def _label_of(folder: Path, image_path: Path, image):
+    """The label `Volume` of an nnU-Net raw folder's image file, checked against the image."""
+    if image_path.parent.name != "imagesTr":
+        raise MedfmError(
+            f"--data {folder} has no labels; a mask ControlNet trains on nnU-Net raw folders "
+            "(imagesTr + labelsTr)"
+        )
+    name = image_path.name
+    ending = ".nii.gz" if name.lower().endswith(".nii.gz") else ".nii"
+    path = folder / "labelsTr" / (_case_name(image_path) + ending)
+    if not path.is_file():
+        raise MedfmError(f"{image_path} has no label {path}; every case needs one")
+    label = load_volume(path)
+    if tuple(label.data.shape) != tuple(image.data.shape):
+        raise MedfmError(
+            f"{path} has shape {tuple(label.data.shape)}, its image "
+            f"{tuple(image.data.shape)}; a label lies on its image's grid"
+        )
+    return label
 
 
 def _resize(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -179,14 +209,38 @@ def draw_patches(
     """``batch`` patches (B, 1, *patch), their boxes (B, dims, 2) and regions: each a source
     drawn uniformly, a volume of it uniformly, a patch kind by the weights ``kinds``
     (whole, zoom, crop)."""
+    images, boxes, regions, _ = draw_labelled_patches(sources, patch, batch, generator, kinds)
+    return images, boxes, regions
+
+
+def draw_labelled_patches(
+    sources: Sequence[Sequence[TrainVolume]],
+    patch: Sequence[int],
+    batch: int,
+    generator: torch.Generator,
+    kinds: Sequence[float] = (1.0, 1.0, 1.0),
+    labels: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, list[str | None], torch.Tensor | None]:
+    """`draw_patches`, and with ``labels`` K > 0 each patch's one-hot labels 1..K (B, K,
+    *patch) (0 or 1; resized with the image, then thresholded at one half); labels above K
+    count as K."""
     weights = torch.tensor(kinds, dtype=torch.float64)
-    images, boxes, regions = [], [], []
+    images, boxes, regions, onehots = [], [], [], []
     for _ in range(batch):
         src = sources[int(torch.randint(len(sources), (1,), generator=generator))]
         vol = src[int(torch.randint(len(src), (1,), generator=generator))]
         kind = PATCH_KINDS[int(torch.multinomial(weights, 1, generator=generator))]
-        img, box = sample_patch(vol.image, patch, kind, generator)
-        images.append(img)
+        x = vol.image
+        if labels:
+            if vol.label is None:
+                raise MedfmError(f"volume {vol.name} has no label map")
+            lab = vol.label.long().clamp(max=labels)
+            values = torch.arange(1, labels + 1).view(labels, *[1] * (lab.ndim - 1))
+            x = torch.cat([x.float(), (lab == values).float()])
+        img, box = sample_patch(x, patch, kind, generator)
+        images.append(img[:1])
+        onehots.append((img[1:] > 0.5).float())
         boxes.append(box)
         regions.append(vol.region)
-    return torch.stack(images), torch.stack(boxes), regions
+    onehot = torch.stack(onehots) if labels else None
+    return torch.stack(images), torch.stack(boxes), regions, onehot

@@ -20,10 +20,12 @@ from medfm.io import Volume, load_volume, save_volume
 from medfm.io.weights import CONFIG_NAME
 
 __all__ = [
+    "BUNDLED_CONTROLNETS",
     "BUNDLED_DIFFUSION",
     "BUNDLED_DIR",
     "ScaledVolume",
     "diffusion_model_folder",
+    "load_controlnet",
     "load_diffusion_model",
     "read_scaled",
     "write_unscaled",
@@ -31,6 +33,10 @@ __all__ = [
 
 BUNDLED_DIFFUSION = "medfm-diff-tiny"
 BUNDLED_DIR = Path(__file__).resolve().parent / "weights" / BUNDLED_DIFFUSION
+#: task -> the folder of the ControlNet shipped beside the bundled model for it (if any)
+BUNDLED_CONTROLNETS = {
+    task: BUNDLED_DIR.parent / f"{BUNDLED_DIFFUSION}-{task}" for task in ("superres", "mask")
+}
 
 
 def diffusion_model_folder(model: str | os.PathLike | None) -> Path:
@@ -54,6 +60,28 @@ def load_diffusion_model(
 ) -> DiffusionModel:
     """The model (eval mode, on ``device``) that ``model`` names (`diffusion_model_folder`)."""
     return DiffusionModel.from_pretrained(diffusion_model_folder(model), device=device)
+
+
+def load_controlnet(
+    controlnet: str | os.PathLike | None, base: DiffusionModel, task: str, *, required: bool
+):
+    """The ControlNet ``controlnet`` names on ``base`` for ``task`` (refused in one line for
+    another base or task); None: the one shipped for ``task`` when ``base`` is the bundled
+    model, else None (``required``: a MedfmError that says to give one)."""
+    from medfm.diffusion.controlnet import ControlNet
+
+    if controlnet is None:
+        shipped = BUNDLED_CONTROLNETS.get(task)
+        bundled = base.source is not None and Path(base.source).resolve() == BUNDLED_DIR
+        if bundled and shipped is not None and (shipped / CONFIG_NAME).is_file():
+            return ControlNet.from_pretrained(shipped, base, task=task)
+        if required:
+            raise MedfmError(
+                f"give --controlnet: a {task} ControlNet of this model "
+                f"(medfm diffusion controlnet-train --task {task})"
+            )
+        return None
+    return ControlNet.from_pretrained(controlnet, base, task=task)
 
 
 @dataclass

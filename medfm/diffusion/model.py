@@ -24,6 +24,7 @@ from medfm.io.weights import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     check_shapes,
+    file_sha256,
     read_config_json,
     read_state_dict,
     save_weights,
@@ -39,6 +40,10 @@ class DiffusionModel(nn.Module):
         super().__init__()
         self.config = config
         self.unet = DiffusionModelUNet(**self.unet_kwargs(config))
+        #: the sha256 of the weights file it was loaded from (None: not loaded from a file);
+        #: a ControlNet records its base's and is refused with any other
+        self.weights_sha256: str | None = None
+        self.source: str | None = None
 
     @staticmethod
     def unet_kwargs(config: DiffusionConfig) -> dict:
@@ -175,6 +180,8 @@ class DiffusionModel(nn.Module):
         state = read_state_dict(folder)
         model = cls(config)
         model.load_state_dict(state)  # float16 weights are cast to the model's float32
+        model.weights_sha256 = file_sha256(weights)
+        model.source = str(folder)
         return model.to(device).eval()
 
 

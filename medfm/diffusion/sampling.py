@@ -100,16 +100,20 @@ def predict_noise(
     *,
     positions: torch.Tensor,
     regions: torch.Tensor | None = None,
+    condition: torch.Tensor | None = None,
     batch: int = 4,
 ) -> torch.Tensor:
     """The blended model output (B, C, *shape) for ``x`` (B, C, *shape) at timestep ``t``;
-    ``positions`` (1 or B, P, *shape): the whole volume's position channels; ``batch``:
-    windows per forward pass (times B volumes)."""
+    ``positions`` (1 or B, P, *shape): the whole volume's position channels; ``condition``
+    (1 or B, K, *shape): a ControlNet's condition (`medfm.diffusion.controlnet.Controlled`),
+    cut into the same windows; ``batch``: windows per forward pass (times B volumes)."""
     b = x.shape[0]
     out = torch.zeros_like(x)
     norm = torch.zeros((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
     weight = windows.weight.to(x.device, x.dtype)
     positions = positions.expand(b, *positions.shape[1:])
+    if condition is not None:
+        condition = condition.to(x.device, x.dtype).expand(b, *condition.shape[1:])
     for i in range(0, len(windows.starts), batch):
         chunk = windows.starts[i : i + batch]
         sl = [windows.slices(s) for s in chunk]
@@ -117,7 +121,8 @@ def predict_noise(
         ps = torch.cat([positions[s] for s in sl])
         ts = torch.full((xs.shape[0],), int(t), dtype=torch.long, device=x.device)
         rs = None if regions is None else regions.repeat(len(chunk))
-        eps = model(xs, ts, positions=ps, regions=rs).to(x.dtype)
+        extra = {} if condition is None else {"condition": torch.cat([condition[s] for s in sl])}
+        eps = model(xs, ts, positions=ps, regions=rs, **extra).to(x.dtype)
         for j, s in enumerate(sl):
             out[s] += eps[j * b : (j + 1) * b] * weight
             norm[s] += weight
@@ -171,6 +176,7 @@ def reverse_process(
     *,
     timesteps: Sequence[int] | torch.Tensor | None = None,
     regions: torch.Tensor | None = None,
+    condition: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     overlap: float = 0.5,
     window_batch: int = 4,
@@ -180,7 +186,8 @@ def reverse_process(
     """Run ``scheduler`` (a diffusers scheduler, timesteps set) from ``x`` (B, C, *shape),
     which is the sample at the first of ``timesteps`` (default: all of the scheduler's), to
     the end. ``after_step(i, t, x) -> x`` may change the sample after each step (data
-    consistency, RePaint); ``progress(done, total)`` is called after each step."""
+    consistency, RePaint); ``condition``: a ControlNet's (`predict_noise`); ``progress(done,
+    total)`` is called after each step."""
     steps = scheduler.timesteps if timesteps is None else timesteps
     steps = [int(t) for t in steps]
     check_work_memory(model, x.shape[2:], batch=x.shape[0], window_batch=window_batch)
@@ -190,8 +197,9 @@ def reverse_process(
     for i, t in enumerate(steps):
         model_in = scheduler.scale_model_input(x, t)
         eps = predict_noise(
-            model, model_in, t, windows, positions=positions, regions=regions, batch=window_batch
-        )
+            model, model_in, t, windows, positions=positions, regions=regions,
+            condition=condition, batch=window_batch,
+        )  # fmt: skip
         x = scheduler.step(eps, t, x, **extra).prev_sample
         if after_step is not None:
             x = after_step(i, t, x)

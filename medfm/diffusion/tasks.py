@@ -74,18 +74,22 @@ def synthesize(
     batch: int = 1,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    condition: torch.Tensor | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """``batch`` new volumes (B, C, *shape) in model units."""
+    """``batch`` new volumes (B, C, *shape) in model units; with a ControlNet (``model`` a
+    `Controlled`), ``condition`` (1 or B, K, *shape) steers them."""
     c = model.config.unet.image_channels
     full = [max(s, p) for s, p in zip(shape, model.config.patch, strict=True)]
     check_work_memory(model, full, batch=batch)
+    if condition is not None:
+        condition = pad_condition(condition.to(device), full)
     x = initial_noise((batch, c, *full), generator=generator, device=device)
     sched = make_scheduler(sampler, steps, model.config.schedule)
     x = x * sched.init_noise_sigma
     y = reverse_process(
         model, x, sched, regions=_regions(model, region, batch, device), generator=generator,
-        progress=progress,
+        condition=condition, progress=progress,
     )  # fmt: skip
     return y[(slice(None), slice(None), *(slice(0, s) for s in shape))]
 
@@ -235,11 +239,14 @@ def inpaint(
     jump_length: int = 10,
     jump_n_sample: int = 5,
     region: str | None = None,
+    condition: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """``x`` (B, C, *S) with the voxels where ``mask`` (B or 1, 1, *S) is true regenerated
-    (RePaint: ``jump_n_sample`` resamplings every ``jump_length`` steps); the rest is kept."""
+    (RePaint: ``jump_n_sample`` resamplings every ``jump_length`` steps); the rest is kept.
+    Guided inpainting: ``model`` a `Controlled` with a mask ControlNet and ``condition``
+    (1 or B, K, *S) its condition (what the hole should hold)."""
     _check_volume(x, model)
     if mask.shape[2:] != x.shape[2:]:
         raise MedfmError(
@@ -262,13 +269,16 @@ def inpaint(
         positions = positions[(slice(None), slice(None), *box)]
     sub = (slice(None), slice(None), *box)
     xs, ks = xp[sub], known[sub]
+    if condition is not None:
+        condition = pad_condition(condition.to(x.device), xp.shape[2:])[sub]
     regions = _regions(model, region, x.shape[0], x.device)
     sample = initial_noise(xs.shape, generator=generator, device=x.device)
     ts = [int(t) for t in sched.timesteps]
     t_last = ts[0] + 1
     for i, t in enumerate(ts):
         if t < t_last:  # a reverse step from t
-            eps = predict_noise(model, sample, t, windows, positions=positions, regions=regions)
+            eps = predict_noise(model, sample, t, windows, positions=positions, regions=regions,
+                                condition=condition)  # fmt: skip
             sample = sched.step(eps, t, sample, xs, ks, generator=generator).prev_sample
         else:  # a jump back up: re-noise from t_last to t
             sample = sched.undo_step(sample, t_last, generator=generator)
@@ -279,6 +289,15 @@ def inpaint(
     filled[sub] = sample
     out = torch.where(known.bool(), xp, filled)
     return out[keep]
+
+
+def pad_condition(condition: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A condition (B, K, *s) padded with zeros at the end of each axis to ``shape`` (a
+    volume padded by `pad_to`: a mask must not grow into the padding)."""
+    pads: list[int] = []
+    for n, p in zip(reversed(condition.shape[2:]), reversed(tuple(shape)), strict=True):
+        pads += [0, max(0, int(p) - n)]
+    return torch.nn.functional.pad(condition, pads) if any(pads) else condition
 
 
 def _around(hole: torch.Tensor, patch: Sequence[int]) -> tuple[slice, ...]:

@@ -32,6 +32,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "check_shapes",
     "few_keys",
+    "file_sha256",
     "read_config_json",
     "read_state_dict",
     "safetensors_bytes",
@@ -289,6 +290,17 @@ def save_weights(
         save_file(tensors, str(tmp), metadata=dict(metadata or {"format": "pt"}))
     write_config_json(folder, config)
     return folder
+
+
+def file_sha256(path: str | os.PathLike, *, chunk: int = 2**20) -> str:
+    """The sha256 hex digest of a file's bytes, read in chunks (constant memory)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_config_json(folder: str | os.PathLike, config: Mapping) -> Path:

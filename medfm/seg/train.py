@@ -101,6 +101,17 @@ class TrainConfig(EngineConfig):
     lowres_prob: float = Field(0.0, ge=0.0, le=1.0)
     lowres_factor: tuple[float, float] = (1.5, 6.0)
     lowres_labels: bool = False
+    data_weights: tuple[float, ...] | None = None
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> TrainConfig:
+        w = self.data_weights
+        if w is not None:
+            if len(w) != len(self.data):
+                raise ValueError(f"data_weights has {len(w)} weights for {len(self.data)} sets")
+            if any(not x >= 0 for x in w) or sum(w) <= 0:
+                raise ValueError("data_weights must be non-negative, not all zero")
+        return self
 
     @model_validator(mode="after")
     def _check_lowres(self) -> TrainConfig:
@@ -131,6 +142,7 @@ class TrainData:
     images: list[np.ndarray]
     lowres_labels: torch.Tensor  # (N, LOWRES, LOWRES) uint8
     names: list[str]
+    sources: list[int] | None = None  # the --data folder of each image (its index)
 
 
 def _resize_shape(h: int, w: int, side: int) -> tuple[int, int]:
@@ -171,8 +183,8 @@ def check_training_data(folders: tuple[str, ...] | list[str]) -> list[DatasetJso
 def load_training_data(folders: tuple[str, ...] | list[str], image_size: int) -> TrainData:
     """Read every case of several 2D nnU-Net folders (synthetic, diffusion-made or real)."""
     metas = check_training_data(folders)
-    images, labels, names = [], [], []
-    for folder, meta in zip(folders, metas, strict=True):
+    images, labels, names, sources = [], [], [], []
+    for source, (folder, meta) in enumerate(zip(folders, metas, strict=True)):
         named = set(meta.labels.values())
         for case, image, label in iter_dataset(folder):
             lab = label.data[0].long()
@@ -187,9 +199,10 @@ def load_training_data(folders: tuple[str, ...] | list[str], image_size: int) ->
             images.append(to_rgb_uint8(image.data))
             labels.append(lowres_label(lab, image_size))
             names.append(f"{Path(folder).name}/{case}")
+            sources.append(source)
     if not images:
         raise MedfmError(f"no labelled cases in {', '.join(map(str, folders))}")
-    return TrainData(images=images, lowres_labels=torch.stack(labels), names=names)
+    return TrainData(images=images, lowres_labels=torch.stack(labels), names=names, sources=sources)
 
 
 def simulate_low_resolution(image: np.ndarray, factor: float) -> np.ndarray:
@@ -423,6 +436,7 @@ class SegTask(Task):
         self.image_size = int(self.model.image_encoder.img_size)
         self.scale = self.image_size / LOWRES
         self.data = load_training_data(cfg.data, self.image_size)
+        self._by_source: list[list[int]] | None = None
         prefixes = trainable_prefixes(cfg)
         self.names = [n for n, _ in self.model.named_parameters() if n.startswith(prefixes)]
         for n, p in self.model.named_parameters():
@@ -511,13 +525,37 @@ class SegTask(Task):
                 labels[row] = coarsen_label(labels[row], self.data.images[i].shape[:2], f)
         return labels
 
+    def draw_images(self, batch: int, g: torch.Generator) -> list[int]:
+        """The step's image indices: uniform over all images, or with ``data_weights`` a set
+        drawn by its weight, then an image of it uniformly."""
+        weights = self.cfg.data_weights
+        if weights is None:
+            return torch.randint(len(self.data.images), (batch,), generator=g).tolist()
+        if self._by_source is None:
+            src = self.data.sources or [0] * len(self.data.images)
+            self._by_source = [
+                [i for i, s in enumerate(src) if s == k] for k in range(len(weights))
+            ]
+            empty = [
+                self.cfg.data[k] for k, v in enumerate(self._by_source) if not v and weights[k]
+            ]
+            if empty:
+                raise MedfmError(f"--data {empty[0]} has no labelled case to draw")
+        w = torch.tensor(weights, dtype=torch.float64)
+        chosen = torch.multinomial(w, batch, replacement=True, generator=g).tolist()
+        out = []
+        for k in chosen:
+            pool = self._by_source[k]
+            out.append(pool[int(torch.randint(len(pool), (1,), generator=g))])
+        return out
+
     # ------------------------------------------------------------------ one step
 
     def step(
         self, net: nn.Module, step: int, generator: torch.Generator
     ) -> tuple[torch.Tensor | None, dict[str, float]]:
         cfg, g = self.cfg, generator
-        idx = torch.randint(len(self.data.images), (cfg.batch,), generator=g).tolist()
+        idx = self.draw_images(cfg.batch, g)
         factors = self.lowres_factors(len(idx), step)  # one draw for images and labels
         labels = self.step_labels(idx, step, factors).to(self.device)
         image_index, masks = random_label_masks(
