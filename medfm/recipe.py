@@ -41,6 +41,7 @@ from pydantic import (
 )
 
 from medfm import __version__
+from medfm.diffusion.control_train import ControlNetTrainConfig
 from medfm.diffusion.train import DiffusionTrainConfig
 from medfm.errors import MedfmError, validation_message
 from medfm.io import (
@@ -160,6 +161,36 @@ class VolumesArgs(BaseModel):
     out: str
     sources: tuple[VolumeSource, ...] = Field(min_length=1)
     labels: bool = False
+
+
+class MakeDatasetArgs(BaseModel):
+    """``medfm diffusion make-dataset``'s arguments: ``masks`` a folder of label maps or
+    ``synth:N``, ``n`` cases (None: one per mask), ``size`` the synth masks' size (None: the
+    model's patch)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    out: str
+    masks: str
+    controlnet: str
+    model: str | None = None
+    dim: Literal[2, 3] = 3
+    n: int | None = Field(None, ge=1)
+    size: tuple[int, int, int] | None = None
+    steps: int = Field(50, ge=1)
+    region: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+
+class SlicesArgs(BaseModel):
+    """A 3D nnU-Net set's labelled slices (along the last axis) as a 2D PNG set, as
+    ``medfm seg train`` reads them (the volume's 0.5 / 99.5 percentiles to 0..255)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: str
+    out: str
 
 
 # ------------------------------------------------------------------ the step registry
@@ -596,6 +627,67 @@ def _run_diffusion_train(cfg: DiffusionTrainConfig, ctx: StepContext) -> None:
     _training(cfg, ctx, "diffusion_train", lambda **kw: train(cfg, diffusion_sources(cfg), **kw))
 
 
+def _run_controlnet_train(cfg, ctx: StepContext) -> None:
+    from medfm.diffusion.control_train import controlnet_sources, controlnet_train
+
+    loader = controlnet_sources(cfg)
+    _training(cfg, ctx, f"controlnet_train ({cfg.task})",
+              lambda **kw: controlnet_train(cfg, loader, **kw))  # fmt: skip
+
+
+def _check_make_dataset(a: MakeDatasetArgs) -> None:
+    inputs = {"controlnet": a.controlnet, "model": a.model}
+    if not a.masks.startswith("synth:"):
+        inputs["masks"] = a.masks
+    check_outputs({"out": a.out}, inputs)
+    _check_folder(a.out)
+
+
+def _run_make_dataset(a: MakeDatasetArgs, ctx: StepContext) -> None:
+    from medfm.devices import parse_device
+    from medfm.diffusion.bridge import make_dataset
+    from medfm.diffusion.files import load_controlnet, load_diffusion_model
+
+    ctx.header(f"make_dataset {a.masks} -> {a.out}")
+    model = load_diffusion_model(a.model, device=parse_device(a.device))
+    cn = load_controlnet(a.controlnet, model, "mask", required=True)
+    shape = a.size or model.config.patch
+    masks, n = mask_source(a.masks, n=a.n, labels=cn.config.labels, shape=shape, seed=a.seed)
+    rep = make_dataset(
+        model, cn, masks, a.out, n=n, masks_name=a.masks, dim=a.dim, seed=a.seed,
+        steps=a.steps, region=a.region, progress=ctx.progress,
+    )  # fmt: skip
+    ctx.note(f"{rep.written} cases written, {rep.skipped} already there")
+
+
+def _check_slices(a: SlicesArgs) -> None:
+    check_outputs({"out": a.out}, {"data": a.data})
+    _check_folder(a.out)
+
+
+def _run_slices(a: SlicesArgs, ctx: StepContext) -> None:
+    from medfm.io import iter_dataset, list_cases
+    from medfm.io.dataset import write_slices
+
+    ctx.header(f"slices {a.data} -> {a.out}")
+    out = Path(a.out)
+    meta = read_dataset_json(a.data)
+    if (out / "dataset.json").is_file():
+        ctx.note(f"{a.out} is complete already, skipped")
+        return
+    with atomic_folder(out) as tmp:
+        n, cases = 0, list_cases(a.data)
+        for i, (case, image, label) in enumerate(iter_dataset(a.data)):
+            if image.ndim != 3:
+                raise MedfmError(f"slices: {a.data} is not a 3D set ({case} is 2D)")
+            n += len(write_slices(tmp, case, image.data[:1], label.data.long()))
+            if ctx.progress is not None:
+                ctx.progress(i + 1, len(cases))
+        write_dataset_json(tmp, meta.model_copy(update={
+            "numTraining": n, "file_ending": ".png", "channel_names": {"0": "image"}}))  # fmt: skip
+    ctx.note(f"{n} labelled slices of {len(cases)} volumes")
+
+
 SynthStep = register_step("synth", SynthArgs, _run_synth, _check_synth)
 MonaiShapesStep = register_step("monai_shapes", MonaiShapesArgs, _run_monai_shapes, _check_synth)
 TrainStep = register_step("train", TrainConfig, _run_train, _check_train)
@@ -606,6 +698,13 @@ VolumesStep = register_step("volumes", VolumesArgs, _run_volumes, _check_volumes
 DiffusionTrainStep = register_step(
     "diffusion_train", DiffusionTrainConfig, _run_diffusion_train, _check_train
 )
+ControlNetTrainStep = register_step(
+    "controlnet_train", ControlNetTrainConfig, _run_controlnet_train, _check_train
+)
+MakeDatasetStep = register_step(
+    "make_dataset", MakeDatasetArgs, _run_make_dataset, _check_make_dataset
+)
+SlicesStep = register_step("slices", SlicesArgs, _run_slices, _check_slices)
 
 
 # ---------------------------------------------------------------------- diffusion data sources

@@ -45,8 +45,9 @@ from medfm.io import (
     write_case,
     write_dataset_json,
 )
+from medfm.io.dataset import slice_case_ids, write_slices
 
-__all__ = ["FolderMasks", "MaskCase", "make_dataset", "volume_to_uint8"]
+__all__ = ["FolderMasks", "MaskCase", "make_dataset"]
 
 RUN_FILE = "diffusion_run.json"
 MANIFEST = "manifest.jsonl"
@@ -121,16 +122,6 @@ class FolderMasks(Sequence[MaskCase]):
         return MaskCase(warped, vol.affine, f"{path.name}~elastic{i // len(self.files)}")
 
 
-def volume_to_uint8(x: torch.Tensor, lower: float = 0.5, upper: float = 99.5) -> torch.Tensor:
-    """A volume mapped from its own ``lower`` / ``upper`` percentiles to 0..255 (uint8), as
-    ``medfm seg evaluate`` shows a 3D scan to the segmenter."""
-    v = x.float()
-    lo, hi = (float(t) for t in np.percentile(v.cpu().numpy(), (lower, upper)))
-    if hi <= lo:
-        return torch.zeros_like(v, dtype=torch.uint8)
-    return ((v - lo) / (hi - lo)).clamp(0, 1).mul(255).round().to(torch.uint8)
-
-
 class BridgeRun(BaseModel):
     """What defines a make-dataset run's content (``diffusion_run.json``)."""
 
@@ -157,10 +148,7 @@ class BridgeReport:
 
 def _case_files(i: int, label: torch.Tensor, dim: int) -> list[str]:
     """The case ids mask i gives: one volume, or its labelled slices along the last axis."""
-    if dim == 3:
-        return [f"diff_{i:05d}"]
-    has = label[0].reshape(-1, label.shape[-1]).amax(0) > 0
-    return [f"diff_{i:05d}_k{k:03d}" for k in torch.nonzero(has).flatten().tolist()]
+    return [f"diff_{i:05d}"] if dim == 3 else slice_case_ids(f"diff_{i:05d}", label)
 
 
 def make_dataset(
@@ -272,10 +260,4 @@ def _write(out: Path, ids: list[str], y: torch.Tensor, case: MaskCase, model, re
     if dim == 3:
         write_case(out, ids[0], Volume(image, case.affine), Volume(label, case.affine), ".nii.gz")
         return 0
-    grey = volume_to_uint8(image)
-    for cid in ids:
-        k = int(cid.rsplit("_k", 1)[1])
-        img = Volume(grey[..., k], np.eye(4))
-        lab = Volume(label[..., k], np.eye(4))
-        write_case(out, cid, img, lab, ".png")
-    return len(ids)
+    return len(write_slices(out, ids[0].rsplit("_k", 1)[0], image, label))
