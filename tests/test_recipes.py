@@ -176,3 +176,50 @@ steps:
     with pytest.raises(MedfmError, match="nothing of .* is chosen"):
         run_recipe(load_recipe(recipe), log=lambda m: None)
     assert not (tmp_path / "o").exists()
+
+
+def test_labelled_volumes_and_slices_steps_make_nnunet_sets(tmp_path, nnunet_verify):
+    """volumes with labels: an nnU-Net set of links (images and labels); slices: its labelled
+    slices along the last axis as a 2D PNG set that seg training reads."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    src = tmp_path / "set"
+    (src / "imagesTr").mkdir(parents=True)
+    (src / "labelsTr").mkdir()
+    for i in range(3):
+        _nifti(src / "imagesTr" / f"c{i}_0000.nii.gz", i + 1)
+        lab = np.zeros((12, 10, 20), np.uint8)
+        lab[3:8, 2:6, 4 + i : 9] = 1
+        lab[3:8, 2:6, 9:12] = 2
+        nib.save(nib.Nifti1Image(lab, np.eye(4)), str(src / "labelsTr" / f"c{i}.nii.gz"))
+    (src / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MRI"}, "labels": {"background": 0, "head": 1, "body": 2},
+        "numTraining": 3, "file_ending": ".nii.gz"}))  # fmt: skip
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: split
+steps:
+  - volumes:
+      out: {tmp_path}/train
+      labels: true
+      sources: [{{data: {src}, last: 2, prefix: x_}}]
+  - slices: {{data: {tmp_path}/train, out: {tmp_path}/slices}}
+""")
+    run_recipe(load_recipe(recipe), log=lambda m: None)
+    train = tmp_path / "train"
+    assert sorted(p.name for p in (train / "labelsTr").iterdir()) == ["x_c1.nii.gz", "x_c2.nii.gz"]
+    assert json.loads((train / "dataset.json").read_text())["numTraining"] == 2
+    nnunet_verify(train)
+    slices = tmp_path / "slices"
+    names = sorted(p.name for p in (slices / "labelsTr").iterdir())
+    assert names[0] == "x_c1_k005.png" and len(names) == 7 + 6  # c1: k 5..11, c2: k 6..11
+    ds = json.loads((slices / "dataset.json").read_text())
+    assert ds["file_ending"] == ".png" and ds["numTraining"] == 13
+    assert ds["labels"] == {"background": 0, "head": 1, "body": 2}
+    nnunet_verify(slices)
+    lines: list[str] = []
+    run_recipe(load_recipe(recipe), log=lines.append)  # again: both skipped
+    assert sum("skipped" in x or "already" in x for x in lines) == 2

@@ -590,3 +590,24 @@ def test_a_refused_run_writes_nothing_and_unnamed_labels_are_refused(synth, tmp_
     (bad / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(MedfmError, match=r"label values \[.*\] that dataset.json does not name"):
         train(_cfg(bad, tmp_path / "out2"))
+
+
+def test_data_weights_choose_each_sets_share(tmp_path):
+    """With data_weights a set is drawn by its weight, then an image of it; weight 0 never."""
+    import torch
+
+    from medfm.seg.train import SegTask, TrainConfig, TrainData
+
+    cfg = TrainConfig(data=("a", "b", "c"), out=str(tmp_path), data_weights=(1.0, 0.0, 3.0))
+    task = SegTask.__new__(SegTask)
+    task.cfg = cfg
+    task.data = TrainData(images=[None] * 6, lowres_labels=torch.zeros(6, 1, 1),
+                          names=list("uvwxyz"), sources=[0, 0, 1, 1, 2, 2])  # fmt: skip
+    task._by_source = None
+    drawn = task.draw_images(4000, torch.Generator().manual_seed(0))
+    counts = torch.bincount(torch.tensor(drawn), minlength=6).tolist()
+    assert counts[2] == counts[3] == 0
+    assert abs((counts[4] + counts[5]) / 4000 - 0.75) < 0.03
+    assert abs(counts[0] - counts[1]) < 150
+    with pytest.raises(ValueError, match="3 sets"):
+        TrainConfig(data=("a", "b", "c"), out="o", data_weights=(1.0, 1.0))
