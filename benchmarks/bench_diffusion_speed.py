@@ -14,6 +14,12 @@
 - train: optimizer steps/s at patch 32 and 64 on the chosen device, the model's own widths,
   ``--train-batch`` patches a step, on random volumes twice the patch (median of the steps
   after the first).
+- controlnet_train: ControlNet fine-tuning steps/s on the frozen model at patch 32 and 64
+  (`medfm diffusion controlnet-train --task superres`, ``--train-batch`` patches a step, random
+  volumes twice the patch; median of the steps after the first).
+- superres: seconds per volume of `medfm diffusion superres --factor 4` (10 steps) on a
+  hippocampus-sized volume (36 x 50 x 9 slices -> 33), with a ControlNet of the model (the
+  shipped one, else a new one: the same work) and zero-shot.
 - gpu_memory (CUDA only): the peak memory of one training step of MedDiff-FM's UNet (channels
   32-64-128-256, batch 1) at 64^3 and 128^3 under bf16 autocast, with and without activation
   checkpointing.
@@ -149,6 +155,58 @@ def bench_train(model_cfg, device, patch: int, batch: int, steps: int) -> dict:
             "steps_per_s": round(1 / per_step, 3)}  # fmt: skip
 
 
+def bench_controlnet_train(model, device, patch: int, batch: int, steps: int) -> dict:
+    from medfm.diffusion.control_train import ControlNetTask, ControlNetTrainConfig
+    from medfm.diffusion.data import TrainVolume
+    from medfm.engine import run_training, setup_distributed
+
+    g = torch.Generator().manual_seed(0)
+    vols = [TrainVolume(torch.rand(1, *(2 * patch,) * 3, generator=g).half() * 2 - 1, None,
+                        f"v{i}") for i in range(2)]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = ControlNetTrainConfig(
+            out=str(Path(tmp) / "run"), steps=steps, data=("random",), batch=batch,
+            checkpoint_every=10**6, warmup=1, task="superres", base=model.source,
+            device=str(device),
+        )  # fmt: skip
+        patched = model.config.model_copy(update={"patch": (patch,) * 3})
+
+        def build(d):
+            task = ControlNetTask(cfg, [vols], d)
+            task.base.config = patched  # the patch drawn; the weights are the same
+            return task
+
+        run_training(cfg, build, dist=setup_distributed(device))
+        lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+    per_step = statistics.median(json.loads(x)["s_per_step"] for x in lines[1:])
+    return {"patch": patch, "batch": batch, "s_per_step": round(per_step, 3),
+            "steps_per_s": round(1 / per_step, 3)}  # fmt: skip
+
+
+def bench_superres(model, device, rounds: int) -> dict:
+    from medfm.diffusion.conditional import SUPERRES_T_START, superres
+    from medfm.diffusion.controlnet import ControlNet
+    from medfm.diffusion.files import load_controlnet
+
+    cn = load_controlnet(None, model, "superres", required=False)
+    shipped = cn is not None
+    if cn is None:
+        cn = ControlNet.from_base(model, "superres")
+    low = torch.rand(1, 1, 36, 50, 9, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    low = low.to(device)
+    out = {"shape_in": [36, 50, 9], "factor": 4, "steps": 10, "shipped_controlnet": shipped}
+    for kind, net in (("controlnet", cn), ("zeroshot", None)):
+        times = []
+        for r in range(max(1, rounds // 2)):
+            t0 = time.perf_counter()
+            superres(model, low, 4, controlnet=net, steps=10, t_start=SUPERRES_T_START[kind],
+                     generator=torch.Generator().manual_seed(r))  # fmt: skip
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        out[f"{kind}_s_per_volume"] = round(statistics.median(times), 2)
+    return out
+
+
 def bench_gpu_memory(device) -> dict:
     from medfm.diffusion.config import DiffusionConfig, UNetConfig
     from medfm.diffusion.model import DiffusionModel
@@ -207,6 +265,13 @@ def main() -> None:
             bench_train(model.config, device, p, args.train_batch, args.train_steps)
             for p in (32, 64)
         ]
+    if "controlnet_train" not in skip:
+        result["controlnet_train"] = [
+            bench_controlnet_train(model, device, p, args.train_batch, args.train_steps)
+            for p in (32, 64)
+        ]
+    if "superres" not in skip:
+        result["superres"] = bench_superres(model, device, args.rounds)
     if device.type == "cuda" and "gpu_memory" not in skip:
         result["gpu_memory"] = bench_gpu_memory(device)
     result["load_after"] = load_average()
