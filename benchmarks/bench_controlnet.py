@@ -10,7 +10,7 @@ data range 1.
 - superres: every ``--factor``-th slice along ``--axis`` from slice 0 is kept; the target is
   the volume's first F(n-1)+1 slices there (the kept slices are its slices F*k). PSNR over the
   whole target. Baselines: linear and cubic-spline (not-a-knot) interpolation with corners
-  aligned. ``--runs``: the medfm variants, each ``zeroshot|controlnet:T_START:STEPS``.
+  aligned. ``--runs``: the medfm variants, each ``zeroshot|controlnet:T_START:STEPS[:SAMPLES]``.
 - inpaint: the largest label of each case (nnU-Net raw) becomes the hole: PSNR inside it
   against the base model's RePaint and scikit-image's biharmonic inpainting, guided RePaint
   given the case's own label map as the condition.
@@ -83,13 +83,13 @@ def run_superres(args) -> dict:
         scores["cubic"].append(psnr(cub, target))
         imap, x = _model_units(np.moveaxis(low, -1, axis))
         for r in runs:
-            kind, t_start, steps = r.split(":")
+            kind, t_start, steps, *more = r.split(":")
             if kind == "controlnet" and cn is None:
                 raise SystemExit("--runs controlnet:... needs --controlnet")
             t0 = time.perf_counter()
             y = superres(
                 model, x, f, axis=axis, controlnet=cn if kind == "controlnet" else None,
-                steps=int(steps), t_start=int(t_start),
+                steps=int(steps), t_start=int(t_start), samples=int(more[0]) if more else 1,
                 generator=torch.Generator().manual_seed(args.seed + i),
             )  # fmt: skip
             seconds[r] += time.perf_counter() - t0

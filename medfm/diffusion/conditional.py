@@ -50,6 +50,7 @@ def superres(
     controlnet: ControlNet | None = None,
     steps: int = 10,
     t_start: int = 999,
+    samples: int = 1,
     region: str | None = None,
     overlap: float = 0.5,
     generator: torch.Generator | None = None,
@@ -60,8 +61,14 @@ def superres(
 
     From the linear interpolation noised to ``t_start`` (fresh noise from ``generator``),
     ``steps`` deterministic steps to 0; at each the clean estimate's kept slices are the
-    input's. ``controlnet``: a superres ControlNet of ``model`` (None: zero-shot)."""
+    input's. ``controlnet``: a superres ControlNet of ``model`` (None: zero-shot);
+    ``samples``: that many walks from independent noise, averaged (an estimate of the
+    posterior mean, which PSNR rewards; the cost grows with it)."""
     _check_volume(low, model, "the low-resolution volume")
+    if samples < 1:
+        raise MedfmError(f"--samples must be 1 or more, got {samples}")
+    b = low.shape[0]
+    low = low.repeat_interleave(samples, dim=0)
     cond = superres_condition(low, factor, axis)
     n_train = model.config.schedule.num_train_timesteps
     if not 0 <= t_start < n_train:
@@ -96,7 +103,8 @@ def superres(
             xt = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps_dc
         if progress is not None:
             progress(i + 1, len(ts))
-    return x0[keep]
+    x0 = x0[keep]
+    return x0.reshape(b, samples, *x0.shape[1:]).mean(dim=1)
 
 
 @torch.no_grad()

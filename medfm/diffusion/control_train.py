@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -24,6 +23,7 @@ from medfm.diffusion.controlnet import Controlled, ControlNet, superres_training
 from medfm.diffusion.data import TrainVolume, draw_labelled_patches
 from medfm.diffusion.files import load_diffusion_model
 from medfm.diffusion.schedulers import training_scheduler
+from medfm.diffusion.train import noise_loss
 from medfm.engine import Dist, EngineConfig, Task, run_training, setup_distributed
 from medfm.errors import MedfmError
 
@@ -79,17 +79,11 @@ class ControlLoss(nn.Module):
         self.register_buffer("alphas_cumprod", sched.alphas_cumprod.float(), persistent=False)
 
     def forward(self, x0, noise, t, boxes, regions, condition):
-        ab = self.alphas_cumprod[t].view(-1, *([1] * (x0.ndim - 1)))
-        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        pred = self.controlled(xt, t, condition=condition, boxes=boxes, regions=regions).float()
-        kind = self.controlled.config.schedule.prediction_type
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = ab.sqrt() * noise - (1 - ab).sqrt() * x0
-        else:
-            target = x0
-        return F.l1_loss(pred, target) if self.kind == "l1" else F.mse_loss(pred, target)
+        net = self.controlled
+        return noise_loss(
+            lambda xt: net(xt, t, condition=condition, boxes=boxes, regions=regions),
+            self.alphas_cumprod, x0, noise, t, net.config.schedule.prediction_type, self.kind,
+        )  # fmt: skip
 
 
 class ControlNetTask(Task):

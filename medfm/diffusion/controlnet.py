@@ -45,6 +45,7 @@ from medfm.io.weights import (
     check_shapes,
     file_sha256,
     read_config_json,
+    read_family_config,
     read_state_dict,
     save_weights,
 )
@@ -229,17 +230,10 @@ def is_controlnet_folder(folder: str | os.PathLike) -> bool:
 
 
 def read_controlnet_config(folder: str | os.PathLike) -> ControlNetConfig:
-    raw = read_config_json(folder)
-    path = Path(folder) / CONFIG_NAME
-    if raw.get("family") != "medfm-controlnet":
-        raise MedfmError(
-            f"{folder} is not a medfm ControlNet folder ({path} has no family: "
-            "medfm-controlnet); give one written by medfm diffusion controlnet-train"
-        )
-    try:
-        return ControlNetConfig.model_validate(raw)
-    except ValidationError as e:
-        raise MedfmError(f"{path}: {validation_message(e)}") from None
+    return read_family_config(
+        folder, "medfm-controlnet", ControlNetConfig, "medfm ControlNet",
+        "give one written by medfm diffusion controlnet-train",
+    )  # fmt: skip
 
 
 class Controlled(nn.Module):

@@ -14,18 +14,18 @@ from pathlib import Path
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
-from pydantic import ValidationError
 from torch import nn
 
 from medfm.diffusion.config import DiffusionConfig
 from medfm.diffusion.position import position_embedding, whole_box
-from medfm.errors import MedfmError, validation_message
+from medfm.errors import MedfmError
 from medfm.io.weights import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     check_shapes,
     file_sha256,
     read_config_json,
+    read_family_config,
     read_state_dict,
     save_weights,
 )
@@ -195,14 +195,7 @@ def is_diffusion_folder(folder: str | os.PathLike) -> bool:
 
 def read_diffusion_config(folder: str | os.PathLike) -> DiffusionConfig:
     """The validated `DiffusionConfig` of a model folder; one-line MedfmError otherwise."""
-    raw = read_config_json(folder)
-    path = Path(folder) / CONFIG_NAME
-    if raw.get("family") != "medfm-diffusion":
-        raise MedfmError(
-            f"{folder} is not a medfm diffusion model folder ({path} has no "
-            "family: medfm-diffusion); give a diffusion run or model folder"
-        )
-    try:
-        return DiffusionConfig.model_validate(raw)
-    except ValidationError as e:
-        raise MedfmError(f"{path}: {validation_message(e)}") from None
+    return read_family_config(
+        folder, "medfm-diffusion", DiffusionConfig, "medfm diffusion model",
+        "give a diffusion run or model folder",
+    )  # fmt: skip

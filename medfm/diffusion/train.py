@@ -83,19 +83,25 @@ class NoiseLoss(nn.Module):
     ) -> torch.Tensor:
         """The mean loss of clean patches ``x0`` (B, C, *patch) noised with ``noise`` at
         timesteps ``t`` (B,)."""
-        ab = self.alphas_cumprod[t].view(-1, *([1] * (x0.ndim - 1)))
-        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        pred = self.model(xt, t, boxes=boxes, regions=regions).float()
-        kind = self.model.config.schedule.prediction_type
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = ab.sqrt() * noise - (1 - ab).sqrt() * x0
-        else:
-            target = x0
-        if self.kind == "l1":
-            return F.l1_loss(pred, target)
-        return F.mse_loss(pred, target)
+        return noise_loss(
+            lambda xt: self.model(xt, t, boxes=boxes, regions=regions), self.alphas_cumprod,
+            x0, noise, t, self.model.config.schedule.prediction_type, self.kind,
+        )  # fmt: skip
+
+
+def noise_loss(predict, alphas_cumprod, x0, noise, t, prediction_type: str, kind: str):
+    """The diffusion loss: ``x0`` noised with ``noise`` to timesteps ``t``, ``predict(x_t)``
+    against the target of ``prediction_type`` (the noise, v, or x0), L1 or L2 (``kind``)."""
+    ab = alphas_cumprod[t].view(-1, *([1] * (x0.ndim - 1)))
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    pred = predict(xt).float()
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    else:
+        target = x0
+    return F.l1_loss(pred, target) if kind == "l1" else F.mse_loss(pred, target)
 
 
 class DiffusionTask(Task):

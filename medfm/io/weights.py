@@ -34,6 +34,7 @@ __all__ = [
     "few_keys",
     "file_sha256",
     "read_config_json",
+    "read_family_config",
     "read_state_dict",
     "safetensors_bytes",
     "safetensors_shapes",
@@ -331,3 +332,23 @@ def read_config_json(folder: str | os.PathLike) -> dict:
     if not isinstance(config, dict):
         raise MedfmError(f"{path} holds {type(config).__name__}, not a JSON object")
     return config
+
+
+def read_family_config(folder: str | os.PathLike, family: str, model, what: str, hint: str):
+    """``folder``'s config.json validated as the pydantic ``model`` of a medfm model
+    ``family`` (its ``family`` field); one-line MedfmError otherwise (``what``: the kind of
+    folder, ``hint``: what to give instead)."""
+    from pydantic import ValidationError
+
+    from medfm.errors import validation_message
+
+    raw = read_config_json(folder)
+    path = Path(folder) / CONFIG_NAME
+    if raw.get("family") != family:
+        raise MedfmError(
+            f"{folder} is not a {what} folder ({path} has no family: {family}); {hint}"
+        )
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise MedfmError(f"{path}: {validation_message(e)}") from None
