@@ -17,7 +17,7 @@
 - controlnet_train: ControlNet fine-tuning steps/s on the frozen model at patch 32 and 64
   (`medfm diffusion controlnet-train --task superres`, ``--train-batch`` patches a step, random
   volumes twice the patch; median of the steps after the first).
-- superres: seconds per volume of `medfm diffusion superres --factor 4` (10 steps) on a
+- superres: seconds per volume of `medfm diffusion superres --factor 4` (its defaults) on a
   hippocampus-sized volume (36 x 50 x 9 slices -> 33), with a ControlNet of the model (the
   shipped one, else a new one: the same work) and zero-shot.
 - gpu_memory (CUDA only): the peak memory of one training step of MedDiff-FM's UNet (channels
@@ -184,7 +184,7 @@ def bench_controlnet_train(model, device, patch: int, batch: int, steps: int) ->
 
 
 def bench_superres(model, device, rounds: int) -> dict:
-    from medfm.diffusion.conditional import SUPERRES_T_START, superres
+    from medfm.diffusion.conditional import SUPERRES_DEFAULTS, superres
     from medfm.diffusion.controlnet import ControlNet
     from medfm.diffusion.files import load_controlnet
 
@@ -194,13 +194,14 @@ def bench_superres(model, device, rounds: int) -> dict:
         cn = ControlNet.from_base(model, "superres")
     low = torch.rand(1, 1, 36, 50, 9, generator=torch.Generator().manual_seed(0)) * 2 - 1
     low = low.to(device)
-    out = {"shape_in": [36, 50, 9], "factor": 4, "steps": 10, "shipped_controlnet": shipped}
+    out = {"shape_in": [36, 50, 9], "factor": 4, "settings": SUPERRES_DEFAULTS,
+           "shipped_controlnet": shipped}  # fmt: skip
     for kind, net in (("controlnet", cn), ("zeroshot", None)):
         times = []
         for r in range(max(1, rounds // 2)):
             t0 = time.perf_counter()
-            superres(model, low, 4, controlnet=net, steps=10, t_start=SUPERRES_T_START[kind],
-                     generator=torch.Generator().manual_seed(r))  # fmt: skip
+            superres(model, low, 4, controlnet=net, generator=torch.Generator().manual_seed(r),
+                     **SUPERRES_DEFAULTS[kind])  # fmt: skip
             sync(device)
             times.append(time.perf_counter() - t0)
         out[f"{kind}_s_per_volume"] = round(statistics.median(times), 2)

@@ -461,9 +461,15 @@ def diffusion_superres(
     zero_shot: Annotated[
         bool, typer.Option("--zero-shot", help="No ControlNet: the base model alone.")
     ] = False,
-    steps: Annotated[int, typer.Option(help="Deterministic steps to step 0.")] = 10,
+    steps: Annotated[
+        int | None, typer.Option(help="Deterministic steps to step 0 (default: measured best).")
+    ] = None,
     t_start: Annotated[
         int | None, typer.Option(help="The noised start step (default: the measured best).")
+    ] = None,
+    samples: Annotated[
+        int | None,
+        typer.Option(help="Walks from independent noise, averaged (default: measured best)."),
     ] = None,
     region: RegionOption = None,
     seed: SeedOption = 0,
@@ -472,7 +478,7 @@ def diffusion_superres(
 ) -> None:
     """Through-plane super-resolution: F(n-1)+1 slices on the axis, slice F*k the input's
     slice k, spacing divided by F; the other slices made by the model."""
-    from medfm.diffusion.conditional import SUPERRES_T_START, superres
+    from medfm.diffusion.conditional import SUPERRES_DEFAULTS, superres
     from medfm.diffusion.files import load_controlnet, read_scaled, write_unscaled
     from medfm.io import Volume
 
@@ -493,13 +499,14 @@ def diffusion_superres(
             "super-resolution needs at least 2"
         )
     cn = None if zero_shot else load_controlnet(controlnet, net, "superres", required=False)
-    kind = "controlnet" if cn is not None else "zeroshot"
-    start = SUPERRES_T_START[kind] if t_start is None else t_start
+    given = {"t_start": t_start, "steps": steps, "samples": samples}
+    settings = SUPERRES_DEFAULTS["controlnet" if cn is not None else "zeroshot"] | {
+        k: v for k, v in given.items() if v is not None
+    }
     bar, progress = _bar("super-resolution")
     with bar:
-        y = superres(net, scaled.x, factor, axis=axis, controlnet=cn, steps=steps,
-                     t_start=start, region=region, generator=_generator(seed),
-                     progress=progress)  # fmt: skip
+        y = superres(net, scaled.x, factor, axis=axis, controlnet=cn, region=region,
+                     generator=_generator(seed), progress=progress, **settings)  # fmt: skip
     affine = scaled.volume.affine.copy()
     affine[:3, axis] = affine[:3, axis] / factor  # slice F*k lies where input slice k lay
     scaled.volume = Volume(data=scaled.volume.data[:, :1], affine=affine)

@@ -31,11 +31,15 @@ from medfm.diffusion.schedulers import training_scheduler
 from medfm.diffusion.tasks import _check_volume, _regions, _tweedie, inpaint, synthesize
 from medfm.errors import MedfmError
 
-__all__ = ["SUPERRES_T_START", "generate", "superres"]
+__all__ = ["SUPERRES_DEFAULTS", "generate", "superres"]
 
-#: the noised start step of `superres` by method, chosen on the tuning split
-#: (docs/models/medfm-diff-tiny-superres.md)
-SUPERRES_T_START = {"controlnet": 999, "zeroshot": 100}
+#: `superres`'s start step, steps and samples by method, chosen on the 5 tuning volumes
+#: (docs/models/medfm-diff-tiny-superres.md): one step from t (the ControlNet's or the base's
+#: clean estimate, the kept slices enforced), averaged over 8 draws of the start noise
+SUPERRES_DEFAULTS = {
+    "controlnet": {"t_start": 600, "steps": 1, "samples": 8},
+    "zeroshot": {"t_start": 300, "steps": 1, "samples": 8},
+}
 
 Progress = Callable[[int, int], None]
 
