@@ -280,7 +280,7 @@ def test_ctrl_c_stops_training_with_one_line_and_the_lock_released(tmp_path):
         time.sleep(0.1)
     assert proc.poll() is None
     os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(10) == 130
+    assert proc.wait(30) == 130  # Ctrl-C stops within 2 s; a loaded machine may add more
     assert proc.stderr.read().splitlines()[-1] == (
         "interrupted: run the same command again to resume (seg train: with --resume)"
     )

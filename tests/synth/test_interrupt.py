@@ -14,9 +14,9 @@ from medfm.synth.dataset import generate_dataset
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
-ARGS = dict(modalities="ct,us", dim=2, n=120, size=32, seed=7, batch=2)
+ARGS = dict(modalities="ct,us", dim=2, n=400, size=32, seed=7, batch=2)
 CMD = [sys.executable, "-m", "medfm.cli.main", "synth", "generate", "--modality", "ct,us"]
-CMD += ["-n", "120", "--size", "32", "--seed", "7", "--batch", "2", "--workers", "2"]
+CMD += ["-n", "400", "--size", "32", "--seed", "7", "--batch", "2", "--workers", "2"]
 
 
 def tree(folder: Path) -> dict[str, bytes]:
