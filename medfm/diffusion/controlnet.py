@@ -41,12 +41,9 @@ from medfm.diffusion.model import DiffusionModel
 from medfm.errors import MedfmError, validation_message
 from medfm.io.weights import (
     CONFIG_NAME,
-    WEIGHTS_NAME,
-    check_shapes,
-    file_sha256,
+    read_checked_weights,
     read_config_json,
     read_family_config,
-    read_state_dict,
     save_weights,
 )
 
@@ -180,19 +177,14 @@ class ControlNet(nn.Module):
         _check_base(config, base)
         if task is not None:
             _check_task(config, task)
-        with torch.device("meta"):
-            skeleton = cls(config, base.config)
-        expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-        weights = folder / WEIGHTS_NAME
-        if not weights.is_file():
-            raise MedfmError(f"{weights} is missing; a ControlNet folder needs {WEIGHTS_NAME}")
-        check_shapes(
-            expected, weights, what=f"the ControlNet of {folder / CONFIG_NAME} on its base",
+        state, sha = read_checked_weights(
+            folder, lambda: cls(config, base.config),
+            what=f"the ControlNet of {folder / CONFIG_NAME} on its base",
             hint="config.json and the weights are not of one ControlNet",
         )  # fmt: skip
         net = cls(config, base.config)
-        net.load_state_dict(read_state_dict(folder))
-        net.weights_sha256 = file_sha256(weights)
+        net.load_state_dict(state)
+        net.weights_sha256 = sha
         return net.to(next(base.parameters()).device).eval()
 
 

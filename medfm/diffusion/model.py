@@ -21,12 +21,9 @@ from medfm.diffusion.position import position_embedding, whole_box
 from medfm.errors import MedfmError
 from medfm.io.weights import (
     CONFIG_NAME,
-    WEIGHTS_NAME,
-    check_shapes,
-    file_sha256,
+    read_checked_weights,
     read_config_json,
     read_family_config,
-    read_state_dict,
     save_weights,
 )
 
@@ -167,20 +164,13 @@ class DiffusionModel(nn.Module):
         """The model (eval mode) of a folder written by `save_pretrained`. The architecture is
         checked against the weights' shapes before any layer is allocated."""
         config = read_diffusion_config(folder)
-        with torch.device("meta"):
-            skeleton = cls(config)
-        expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-        weights = Path(folder) / WEIGHTS_NAME
-        if not weights.is_file():
-            raise MedfmError(f"{weights} is missing; a model folder needs {WEIGHTS_NAME}")
-        check_shapes(
-            expected, weights, what=f"the architecture of {Path(folder) / CONFIG_NAME}",
+        state, sha = read_checked_weights(
+            folder, lambda: cls(config), what=f"the architecture of {Path(folder) / CONFIG_NAME}",
             hint="config.json and the weights are not of one model",
         )  # fmt: skip
-        state = read_state_dict(folder)
         model = cls(config)
         model.load_state_dict(state)  # float16 weights are cast to the model's float32
-        model.weights_sha256 = file_sha256(weights)
+        model.weights_sha256 = sha
         model.source = str(folder)
         return model.to(device).eval()
 

@@ -35,6 +35,7 @@ __all__ = [
     "file_sha256",
     "read_config_json",
     "read_family_config",
+    "read_checked_weights",
     "read_state_dict",
     "safetensors_bytes",
     "safetensors_shapes",
@@ -352,3 +353,20 @@ def read_family_config(folder: str | os.PathLike, family: str, model, what: str,
         return model.model_validate(raw)
     except ValidationError as e:
         raise MedfmError(f"{path}: {validation_message(e)}") from None
+
+
+def read_checked_weights(folder: str | os.PathLike, build, what: str, hint: str):
+    """(the state dict, the sha256 of its file) of ``folder/model.safetensors``, its shapes
+    checked first against ``build()`` (the module the weights are for) built on the meta
+    device, so nothing is allocated for weights of another architecture. One-line
+    MedfmError for a missing file or other shapes (``what`` / ``hint``: `check_shapes`')."""
+    import torch
+
+    with torch.device("meta"):
+        skeleton = build()
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    weights = Path(folder) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise MedfmError(f"{weights} is missing; a model folder needs {WEIGHTS_NAME}")
+    check_shapes(expected, weights, what=what, hint=hint)
+    return read_state_dict(folder), file_sha256(weights)
